@@ -1,0 +1,167 @@
+"""The ``sender`` command: run, sink, queue, demo.
+
+Each subcommand parses its flags, builds the same objects the Python API uses, and reports
+bad input as one line naming the flag or config key, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import orjson
+import trio
+
+from .config import ConfigError, load_config, parse_hostport
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own message names the flag; keep it on one line
+        self.exit(2, f"sender {self.prog.split()[-1]}: error: {message}\n")
+
+
+def _positive_int(flag: str):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} expects a whole number, got {value!r}") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {n}")
+        return n
+    return parse
+
+
+def _address(flag: str):
+    def parse(value: str) -> str:
+        try:
+            parse_hostport(value, flag)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sender", description="Outbound email MTA.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the daemon (SMTP listener + delivery)")
+    run.add_argument("--config", required=True, help="TOML config file")
+    run.add_argument("--repair", action="store_true", help="skip corrupt journal records instead of refusing to start")
+    run.add_argument("--grace", type=float, default=30.0, help="seconds to let transactions finish on shutdown")
+
+    sink = sub.add_parser("sink", help="run a programmable SMTP sink")
+    sink.add_argument("--listen", required=True, type=_address("--listen"), help="host:port")
+    sink.add_argument("--rules", help="TOML rules file")
+    sink.add_argument("--log", help="write one JSON line per accepted message here")
+
+    q = sub.add_parser("queue", help="count queued messages by state and domain (daemon may be stopped)")
+    q.add_argument("--spool", required=True, help="spool directory")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    demo = sub.add_parser("demo", help="sink + daemon + load on loopback, then a report")
+    demo.add_argument("--messages", type=_positive_int("--messages"), default=20000)
+    demo.add_argument("--connections", type=_positive_int("--connections"), default=20)
+    demo.add_argument("--domains", type=_positive_int("--domains"), default=200)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"sender {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_run(args) -> int:
+    from .daemon import run_daemon
+    from .journal import JournalCorrupt
+
+    config = load_config(args.config)
+    try:
+        trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace))
+    except JournalCorrupt as e:
+        print(f"sender run: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_sink(args) -> int:
+    from .sink import Sink, load_rules
+
+    rules = []
+    if args.rules:
+        try:
+            with open(args.rules, "rb") as f:
+                rules = load_rules(f.read())
+        except OSError as e:
+            raise ConfigError(f"--rules: cannot read {args.rules}: {e.strerror}") from None
+    sink = Sink(rules, log_path=args.log)
+
+    async def serve() -> None:
+        import signal
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                host, port = await nursery.start(sink.run, args.listen)
+                print(f"sink: listening on {host}:{port}", flush=True)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+    trio.run(serve)
+    print(orjson.dumps({"sink": sink.address and f"{sink.address[0]}:{sink.address[1]}",
+                        **{k: getattr(sink.stats, k) for k in sink.stats.__struct_fields__}}).decode(), flush=True)
+    return 0
+
+
+def _cmd_queue(args) -> int:
+    from .journal import Journal
+
+    if not os.path.isdir(args.spool):
+        raise ConfigError(f"--spool: no such directory: {args.spool}")
+    live = Journal(args.spool).replay(read_only=True)
+    now = time.time()
+    by_state = {"active": 0, "deferred": 0}
+    by_domain: dict[str, dict[str, int]] = {}
+    for d in live.values():
+        state = "deferred" if d.attempts or d.next_at > now else "active"
+        by_state[state] += 1
+        for r in d.rcpts:
+            dom = r.rpartition("@")[2].lower()
+            row = by_domain.setdefault(dom, {"active": 0, "deferred": 0})
+            row[state] += 1
+    if args.json:
+        print(orjson.dumps({"messages": len(live), "by_state": by_state, "by_domain": by_domain}).decode())
+        return 0
+    print(f"{len(live)} messages queued: {by_state['active']} active, {by_state['deferred']} deferred")
+    if by_domain:
+        width = max(len("domain"), *(len(k) for k in by_domain))
+        print(f"{'domain':<{width}}  {'active':>8}  {'deferred':>8}   (recipients)")
+        for dom, row in sorted(by_domain.items(), key=lambda kv: -(kv[1]["active"] + kv[1]["deferred"])):
+            print(f"{dom:<{width}}  {row['active']:>8}  {row['deferred']:>8}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return trio.run(lambda: run_demo(messages=args.messages, connections=args.connections, domains=args.domains))
+
+
+_COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "demo": _cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

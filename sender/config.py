@@ -1,0 +1,198 @@
+"""Configuration: TOML decoded into Structs, with errors that name the offending key.
+
+Every section has defaults, so an empty file is a valid config that relays nowhere until a
+route or DNS is used. Sizes accept "2GiB"-style strings; durations accept numbers (seconds)
+or "30s" / "5m" / "2h" / "3d" strings.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "SpoolConfig",
+    "ListenConfig",
+    "DeliveryConfig",
+    "TimeoutConfig",
+    "Route",
+    "DnsConfig",
+    "load_config",
+    "parse_config",
+    "parse_size",
+    "parse_duration",
+    "parse_hostport",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key (e.g. ``spool.max_bytes``)."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(value: int | str, key: str) -> int:
+    if isinstance(value, int) and value >= 0:
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"{key}: expected a size like 10485760 or \"2GiB\", got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: int | float | str, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(value))
+    if not m or m.group(2) not in _DURATION_UNITS:
+        raise ConfigError(f"{key}: expected seconds or a duration like \"30s\", \"5m\", \"2h\", \"3d\", got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_hostport(value: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+    """Split "host:port" or "[v6]:port"; a bare host takes ``default_port``."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", value or "")
+    if not m:
+        raise ConfigError(f"{key}: expected host:port, got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = m.group(2) or m.group(4)
+    if port is None:
+        if default_port is None:
+            raise ConfigError(f"{key}: expected host:port (port missing), got {value!r}")
+        return host, default_port
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: port {port} out of range")
+    return host, int(port)
+
+
+class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str = "spool"
+    fsync: Literal["always", "batch", "never"] = "batch"
+    max_bytes: int | str = "2GiB"
+    segment_bytes: int | str = "64MiB"
+    # Group-commit window: how long the writer waits for more records before an fsync.
+    batch_window: float | str = 0.0
+    # Compaction moves live messages out of the oldest segment once it is this sparse.
+    compact_live_ratio: float = 0.25
+
+
+class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    smtp: str = "127.0.0.1:2525"
+    hostname: str = "sender.localhost"
+    max_message_size: int | str = "25MiB"
+    max_recipients: int = 1000
+    max_connections: int = 1000
+    max_line_length: int = 1000
+
+
+class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Per-phase client timeouts, RFC 5321 section 4.5.3.2 defaults (plus connect)."""
+
+    connect: float | str = 30.0
+    greeting: float | str = 300.0
+    ehlo: float | str = 300.0
+    mail: float | str = 300.0
+    rcpt: float | str = 300.0
+    data: float | str = 120.0
+    data_block: float | str = 180.0
+    data_done: float | str = 600.0
+    quit: float | str = 10.0
+
+
+class DeliveryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    port: int = 25
+    ehlo: str = "sender.example"
+    source: str = ""                       # local address to bind ("" = any)
+    connection_limit: int = 20             # per site
+    max_deliveries_per_connection: int = 1000
+    idle_timeout: float | str = 5.0        # QUIT an idle session after this long
+    retry_interval: float | str = "60s"    # first retry; doubles each attempt, full jitter
+    max_retry_interval: float | str = "1h"
+    max_age: float | str = "3d"            # then the message expires and bounces
+    starttls: Literal["opportunistic", "never"] = "opportunistic"
+    timeouts: TimeoutConfig = msgspec.field(default_factory=TimeoutConfig)
+
+
+class Route(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    match: str
+    relay: str
+
+
+class DnsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    nameservers: list[str] = msgspec.field(default_factory=list)   # "ip" or "ip:port"
+    timeout: float = 5.0
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    route: list[Route] = msgspec.field(default_factory=list)
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+
+    def __post_init__(self) -> None:
+        # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.
+        s, d, t = self.spool, self.delivery, self.delivery.timeouts
+        s.max_bytes = parse_size(s.max_bytes, "spool.max_bytes")
+        s.segment_bytes = parse_size(s.segment_bytes, "spool.segment_bytes")
+        s.batch_window = parse_duration(s.batch_window, "spool.batch_window")
+        if not 0.0 <= s.compact_live_ratio <= 1.0:
+            raise ConfigError("spool.compact_live_ratio: must be between 0 and 1")
+        self.listen.max_message_size = parse_size(self.listen.max_message_size, "listen.max_message_size")
+        if self.listen.smtp:
+            parse_hostport(self.listen.smtp, "listen.smtp")
+        for name in ("idle_timeout", "retry_interval", "max_retry_interval", "max_age"):
+            setattr(d, name, parse_duration(getattr(d, name), f"delivery.{name}"))
+        for name in TimeoutConfig.__struct_fields__:
+            setattr(t, name, parse_duration(getattr(t, name), f"delivery.timeouts.{name}"))
+        if d.connection_limit < 1:
+            raise ConfigError("delivery.connection_limit: must be at least 1")
+        if d.max_deliveries_per_connection < 1:
+            raise ConfigError("delivery.max_deliveries_per_connection: must be at least 1")
+        if not 0 < d.port < 65536:
+            raise ConfigError(f"delivery.port: {d.port} out of range")
+        for i, r in enumerate(self.route):
+            parse_hostport(r.relay, f"route[{i}].relay", default_port=d.port)
+            if not r.match or " " in r.match:
+                raise ConfigError(f"route[{i}].match: expected a domain, \".suffix\" or \"*\", got {r.match!r}")
+
+
+_KEY_RE = re.compile(r"at `\$\.?(.*?)`")
+
+
+def _key_of(err: msgspec.ValidationError) -> str:
+    m = _KEY_RE.search(str(err))
+    return (m.group(1) if m else "") or "(top level)"
+
+
+def parse_config(data: dict) -> Config:
+    """Decode a TOML-shaped dict; errors name the key, e.g. ``delivery.port``."""
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as e:
+        msg = str(e)
+        if "__post_init__" in msg or isinstance(e.__cause__, ConfigError):
+            raise ConfigError(msg.split(" - at ")[0]) from None
+        raise ConfigError(f"{_key_of(e)}: {msg.split(' - at ')[0]}") from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return parse_config(data)

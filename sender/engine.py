@@ -1,0 +1,294 @@
+"""The engine: the public object that owns the journal and the delivery tree.
+
+A trio program embeds ``sender`` by running an Engine in its own nursery and submitting to it::
+
+    async with trio.open_nursery() as nursery:
+        engine = await nursery.start(Engine(config).run)
+        msg_id = await engine.submit("app@example.com", ["user@example.net"], body)
+
+``sender run`` is a thin shell around the same object (plus the SMTP listener).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+
+import msgspec
+import trio
+
+from .config import Config
+from .delivery import Dispatcher, PoolStatistics, backoff
+from .errors import UsageError
+from .journal import Journal, JournalStatistics
+from .smtp.client import OpenStream
+from .model import Accepted, Bounced, Deferred, Delivered, Delivery, Expired, Reply
+
+__all__ = ["Engine", "EngineStatistics", "SpoolFull", "split_by_domain"]
+
+log = logging.getLogger("sender.engine")
+
+
+class SpoolFull(Exception):
+    """The spool is over ``spool.max_bytes``: injection must answer 452 4.3.1 until it drains."""
+
+
+class EngineStatistics(msgspec.Struct, frozen=True):
+    accepted: int
+    delivered: int
+    deferred: int
+    bounced: int
+    expired: int
+    queued: int
+    in_flight: int
+    live_messages: int
+    journal: JournalStatistics
+    sites: list[PoolStatistics]
+
+
+def split_by_domain(rcpts: list[str]) -> dict[str, list[str]]:
+    """Group recipients by lower-cased domain, keeping their order."""
+    out: dict[str, list[str]] = {}
+    for r in rcpts:
+        out.setdefault(r.rpartition("@")[2].lower(), []).append(r)
+    return out
+
+
+class Engine:
+    """Durable queue + delivery. Create, then ``await nursery.start(engine.run)``.
+
+    Args:
+      config: a :class:`~sender.config.Config`.
+      repair: skip corrupt journal records in the middle instead of refusing to start.
+      open_stream: replaces TCP connects for delivery (tests use in-memory streams).
+    """
+
+    def __init__(self, config: Config, *, repair: bool = False, open_stream: OpenStream | None = None) -> None:
+        self.config = config
+        self.repair = repair
+        sp = config.spool
+        self.journal = Journal(sp.path, fsync=sp.fsync, segment_bytes=sp.segment_bytes,
+                               batch_window=sp.batch_window)
+        self.dispatcher = Dispatcher(config, self, self.now, open_stream)
+        self._live: dict[str, Delivery | list[Delivery]] = {}
+        self._epoch = 0.0
+        self._last_id = 0
+        self._pid = os.getpid() & 0xFFF
+        self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired"), 0)
+        self._wait_outcomes = sp.fsync == "always"
+        self._nursery: trio.Nursery | None = None
+        self._drained = trio.Event()
+
+    # ---------------------------------------------------------------- clock, ids
+
+    def now(self) -> float:
+        """Wall-clock seconds, advancing with trio's clock (so MockClock warps it too)."""
+        return self._epoch + trio.current_time()
+
+    def _new_id(self) -> str:
+        # Microseconds since the epoch, kept strictly increasing; unique across restarts
+        # because replay seeds _last_id from the newest id on disk.
+        t = max(int(self.now() * 1_000_000), self._last_id + 1)
+        self._last_id = t
+        return f"{t:014X}{self._pid:03X}"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Replay the journal, start the writer and the dispatcher, then run until cancelled.
+
+        Raises:
+          JournalCorrupt: the journal is corrupt in the middle and ``repair`` is off.
+        """
+        self._epoch = time.time() - trio.current_time()
+        live = self.journal.replay(repair=self.repair)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.journal.run)
+            await nursery.start(self.dispatcher.run)
+            for d in live.values():
+                self._last_id = max(self._last_id, _id_time(d.id))
+                self._track(d)
+            del live
+            nursery.start_soon(self._compactor)
+            log.info("engine started: %d messages in the queue", len(self._live))
+            task_status.started(self)
+
+    def _track(self, msg: Delivery) -> None:
+        """Register a live message and queue one delivery per recipient domain."""
+        groups = split_by_domain(msg.rcpts)
+        parts = []
+        for domain, rcpts in groups.items():
+            d = msgspec.structs.replace(msg, domain=domain, rcpts=rcpts) if len(groups) > 1 else msg
+            d.domain = domain
+            parts.append(d)
+        self._live[msg.id] = parts[0] if len(parts) == 1 else parts
+        for d in parts:
+            self.dispatcher.submit(d)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop starting transactions, wait up to ``grace`` seconds for the ones in flight."""
+        self.dispatcher.stop()
+        with trio.move_on_after(grace):
+            while self.dispatcher.in_flight():
+                await trio.sleep(0.02)
+        await self.journal.wait_durable()
+
+    # ---------------------------------------------------------------- intake
+
+    @property
+    def spool_full(self) -> bool:
+        return self.journal.total_bytes >= self.config.spool.max_bytes
+
+    async def submit(self, sender: str, rcpts: list[str], body: bytes, *, customer: str = "") -> str:
+        """Make a message durable and queue it; returns its id once it is safe on disk.
+
+        Raises:
+          UsageError: no recipients, or an address without a domain.
+          SpoolFull: the spool is over its size limit.
+        """
+        if not rcpts:
+            raise UsageError("rcpts: at least one recipient is required")
+        for r in rcpts:
+            local, at, domain = r.rpartition("@")
+            if not at or not local or not domain or any(c in r for c in "\r\n <>"):
+                raise UsageError(f"rcpts: invalid recipient address {r!r}")
+        if self.spool_full:
+            raise SpoolFull(f"spool is over its limit of {self.config.spool.max_bytes} bytes")
+        msg_id = self._new_id()
+        now = self.now()
+        rec = Accepted(id=msg_id, sender=sender, rcpts=list(rcpts), received_at=now, body=body,
+                       customer=customer)
+        loc = await self.journal.commit(rec)
+        self.counts["accepted"] += 1
+        self._track(Delivery(id=msg_id, sender=sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
+                             offset=loc.offset, length=loc.length, received_at=now, customer=customer))
+        return msg_id
+
+    # ---------------------------------------------------------------- outcomes (called by delivery)
+
+    def body(self, d: Delivery) -> bytes:
+        return self.journal.read(d.segment, d.offset, d.length).body
+
+    def _record(self, rec) -> None:
+        self.journal.append(rec)
+
+    def _done(self, d: Delivery, rcpts: list[str]) -> None:
+        """``rcpts`` of ``d`` reached a final state; release the message when none is left."""
+        if len(rcpts) == len(d.rcpts):
+            d.rcpts = []
+        else:
+            gone = set(rcpts)
+            d.rcpts = [r for r in d.rcpts if r not in gone]
+        if d.rcpts:
+            return
+        entry = self._live.get(d.id)
+        if isinstance(entry, list):
+            entry = [x for x in entry if x is not d]
+            if entry:
+                self._live[d.id] = entry if len(entry) > 1 else entry[0]
+                return
+        elif entry is not d:
+            return
+        del self._live[d.id]
+        self.journal.release(d.segment)
+
+    def delivered(self, d: Delivery, rcpts: list[str], reply: Reply) -> None:
+        self._record(Delivered(d.id, rcpts, self.now(), reply))
+        self.counts["delivered"] += len(rcpts)
+        self._done(d, rcpts)
+
+    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply) -> None:
+        self._record(Bounced(d.id, rcpts, self.now(), reply))
+        self.counts["bounced"] += len(rcpts)
+        log.info("bounced %s to %s: %s", d.id, ",".join(rcpts), reply)
+        self._done(d, rcpts)
+
+    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply) -> Delivery | None:
+        """Journal a deferral of ``rcpts``; returns the delivery to retry, or None if it expired."""
+        dc = self.config.delivery
+        now = self.now()
+        attempts = d.attempts + 1
+        expires = d.received_at + dc.max_age
+        if now >= expires:
+            self._record(Expired(d.id, rcpts, now, reply))
+            self.counts["expired"] += len(rcpts)
+            log.info("expired %s to %s after %d attempts: %s", d.id, ",".join(rcpts), attempts, reply)
+            self._done(d, rcpts)
+            return None
+        next_at = min(now + backoff(attempts, dc.retry_interval, dc.max_retry_interval), expires)
+        self._record(Deferred(d.id, rcpts, now, next_at, attempts, reply))
+        self.counts["deferred"] += len(rcpts)
+        if len(rcpts) == len(d.rcpts):
+            d.attempts, d.next_at = attempts, next_at
+            return d
+        # Part of the recipients: split them off into their own delivery.
+        retry = msgspec.structs.replace(d, rcpts=list(rcpts), attempts=attempts, next_at=next_at)
+        gone = set(rcpts)
+        d.rcpts = [r for r in d.rcpts if r not in gone]
+        entry = self._live.get(d.id)
+        self._live[d.id] = (entry if isinstance(entry, list) else [entry]) + [retry]
+        return retry
+
+    # ---------------------------------------------------------------- compaction
+
+    async def _compactor(self) -> None:
+        """Delete dead segments; move the few live messages out of a sparse oldest segment."""
+        ratio = self.config.spool.compact_live_ratio
+        while True:
+            await trio.sleep(1.0)
+            self.journal.drop_dead_segments()
+            seg = self.journal.oldest_sealed()
+            if seg is not None and self.journal.live.get(seg, 0) <= ratio * self.journal.accepted.get(seg, 0):
+                await self._move_forward(seg)
+
+    async def _move_forward(self, seg: int) -> None:
+        """Re-append every live message of ``seg`` so the segment can be deleted.
+
+        The old location stays in use until the copies are durable; a message that becomes
+        final meanwhile has its final record journaled after its copy, so replay agrees.
+        """
+        moves = []
+        for msg_id, entry in list(self._live.items()):
+            parts = entry if isinstance(entry, list) else [entry]
+            if parts[0].segment != seg or self._live.get(msg_id) is not entry:
+                continue
+            head = self.journal.read(seg, parts[0].offset, parts[0].length)
+            rec = Accepted(id=msg_id, sender=head.sender, rcpts=[r for p in parts for r in p.rcpts],
+                           received_at=head.received_at, body=head.body, customer=head.customer,
+                           attempts=max(p.attempts for p in parts), next_at=max(p.next_at for p in parts))
+            moves.append((msg_id, self.journal.append(rec)))
+            if len(moves) % 500 == 0:
+                await trio.sleep(0)
+        await self.journal.wait_durable()
+        for msg_id, loc in moves:
+            entry = self._live.get(msg_id)
+            if entry is None:
+                self.journal.release(loc.segment)   # went final meanwhile: the copy is dead too
+                continue
+            for p in entry if isinstance(entry, list) else [entry]:
+                p.segment, p.offset, p.length = loc.segment, loc.offset, loc.length
+            self.journal.release(seg)
+        log.info("compaction: moved %d live messages out of segment %d", len(moves), seg)
+        self.journal.drop_dead_segments()
+
+    # ---------------------------------------------------------------- inspection
+
+    def statistics(self) -> EngineStatistics:
+        return EngineStatistics(
+            **self.counts,
+            queued=self.dispatcher.queued(),
+            in_flight=self.dispatcher.in_flight(),
+            live_messages=len(self._live),
+            journal=self.journal.statistics(),
+            sites=self.dispatcher.statistics(),
+        )
+
+
+def _id_time(msg_id: str) -> int:
+    try:
+        return int(msg_id[:14], 16)
+    except ValueError:
+        return 0

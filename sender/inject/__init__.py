@@ -1,0 +1,1 @@
+"""Ways messages come in: the SMTP listener (and later the HTTP API)."""

@@ -1,0 +1,479 @@
+"""Append-only journal: the only durable state of the queue.
+
+Layout: a spool directory of numbered segment files (``0000000001.seg``, ...). Each record is
+one frame ``[u32 length][u32 crc32c(payload)][payload = msgpack of a JournalRecord]``, little
+endian. Frames are only ever appended; a segment is sealed (fsynced) when the next one starts.
+
+Group commit: callers ``append()`` encoded frames into a pending buffer without waiting, or
+``await commit()`` to also wait until their frame is durable. One writer task drains the buffer:
+it writes the whole batch, fsyncs once (in a worker thread, so the event loop keeps accepting),
+then wakes every waiter of that batch at once. Policies:
+
+- ``batch`` (default): acknowledgements wait for the group fsync; outcome records ride along.
+- ``always``: like batch, and callers also wait for outcome records (no redelivery after a
+  power loss); the engine decides which records it waits for.
+- ``never``: no fsync at all; a commit waits only for the write() into the page cache.
+
+Replay rebuilds the live queue from the segments: a torn or corrupt tail of the newest segment
+is truncated with a warning naming the segment and offset; a corrupt frame anywhere else stops
+start-up with :class:`JournalCorrupt` unless ``repair=True``, which skips to the next valid frame.
+
+Bodies are not kept in memory: the queue holds (segment, offset, length) of each Accepted frame
+and :meth:`Journal.read` fetches it with one ``pread`` when the message is delivered.
+
+Compaction (driven by the engine, which knows which messages are live): only the oldest
+segments are ever deleted, and only once no live message has its Accepted frame there. Deleting
+strictly oldest-first keeps every final record newer than the Accepted record it finalizes, so
+replay can never resurrect a finished message. Live messages in a sparse old segment are moved
+forward by re-appending their Accepted record (with the remaining recipients) first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import msgspec
+import trio
+from crc32c import crc32c
+
+from .model import Accepted, Deferred, Delivery, JournalRecord, Rec
+
+__all__ = ["Journal", "JournalCorrupt", "JournalStatistics", "Location", "SEGMENT_SUFFIX"]
+
+log = logging.getLogger("sender.journal")
+
+SEGMENT_SUFFIX = ".seg"
+_HEADER = struct.Struct("<II")
+_HEADER_SIZE = _HEADER.size
+_MAX_FRAME = 1 << 30
+
+
+class JournalCorrupt(Exception):
+    """A frame in the middle of the journal fails its checksum; names segment and offset."""
+
+
+class Location(NamedTuple):
+    segment: int
+    offset: int
+    length: int  # whole frame, header included
+
+
+class JournalStatistics(msgspec.Struct, frozen=True):
+    segments: int
+    bytes: int
+    live_messages: int
+    pending_bytes: int
+    batches: int
+    fsyncs: int
+    last_fsync_seconds: float
+
+
+class _AcceptedHead(Rec, tag="accepted"):
+    """Accepted, decoded for replay without copying the body out."""
+
+    id: str
+    sender: str
+    rcpts: list[str]
+    received_at: float
+    body: msgspec.Raw
+    customer: str = ""
+    attempts: int = 0
+    next_at: float = 0.0
+
+
+class _Final(Rec):
+    id: str
+    rcpts: list[str]
+
+
+class _Delivered(_Final, tag="delivered"):
+    pass
+
+
+class _Bounced(_Final, tag="bounced"):
+    pass
+
+
+class _Expired(_Final, tag="expired"):
+    pass
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(JournalRecord)
+_replay_decoder = msgspec.msgpack.Decoder(_AcceptedHead | _Delivered | Deferred | _Bounced | _Expired)
+
+
+def encode_frame(rec: Rec, buf: bytearray) -> int:
+    """Append one frame for ``rec`` to ``buf``; returns the frame length."""
+    start = len(buf)
+    _encoder.encode_into(rec, buf, start + _HEADER_SIZE)
+    payload_len = len(buf) - start - _HEADER_SIZE
+    _HEADER.pack_into(buf, start, payload_len, crc32c(memoryview(buf)[start + _HEADER_SIZE:]))
+    return payload_len + _HEADER_SIZE
+
+
+def segment_name(n: int) -> str:
+    return f"{n:010d}{SEGMENT_SUFFIX}"
+
+
+class Journal:
+    """The spool directory's segments, one writer task, and the replayed live set.
+
+    Args:
+      path: spool directory (created if missing).
+      fsync: "always" | "batch" | "never" (see the module docstring).
+      segment_bytes: roll to a new segment once the current one would pass this size.
+      batch_window: seconds the writer waits for more records before writing a batch.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        fsync: Literal["always", "batch", "never"] = "batch",
+        segment_bytes: int = 64 * 1024 * 1024,
+        batch_window: float = 0.0,
+    ) -> None:
+        if fsync not in ("always", "batch", "never"):
+            raise ValueError(f"fsync: expected 'always', 'batch' or 'never', got {fsync!r}")
+        self.path = Path(path)
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.batch_window = batch_window
+        self.live: dict[int, int] = {}          # segment -> live Accepted frames in it
+        self.accepted: dict[int, int] = {}      # segment -> all Accepted frames in it
+        self._sizes: dict[int, int] = {}        # segment -> bytes (logical, pending included)
+        self._readers: dict[int, int] = {}      # segment -> read fd
+        self._current = 1
+        self._fd = -1
+        self._open_seg = 0
+        self._pending: list[tuple[int, bytearray]] = []
+        self._batch_done = trio.Event()
+        self._wakeup = trio.Event()
+        self._replayed = False
+        self._closed = False
+        self._batches = 0
+        self._fsyncs = 0
+        self._last_fsync = 0.0
+
+    # ---------------------------------------------------------------- replay
+
+    def segments(self) -> list[int]:
+        """Segment numbers on disk, oldest first."""
+        out = []
+        for p in self.path.glob("*" + SEGMENT_SUFFIX):
+            try:
+                out.append(int(p.name[: -len(SEGMENT_SUFFIX)]))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def replay(self, *, repair: bool = False, read_only: bool = False) -> dict[str, Delivery]:
+        """Rebuild the live messages (one Delivery per message, all recipients) from disk.
+
+        ``read_only`` (for inspecting a spool a daemon may be writing): a bad tail is only
+        skipped, never truncated.
+
+        Raises:
+          JournalCorrupt: a corrupt frame before the tail of the newest segment (unless repair).
+        """
+        if not read_only:
+            self.path.mkdir(parents=True, exist_ok=True)
+        live: dict[str, Delivery] = {}
+        segs = self.segments()
+        for i, seg in enumerate(segs):
+            self._replay_segment(seg, live, last=(i == len(segs) - 1), repair=repair, read_only=read_only)
+        self.live = {}
+        for d in live.values():
+            self.live[d.segment] = self.live.get(d.segment, 0) + 1
+        self._current = segs[-1] if segs else 1
+        self._replayed = True
+        return live
+
+    def _replay_segment(self, seg: int, live: dict[str, Delivery], *, last: bool, repair: bool,
+                        read_only: bool = False) -> None:
+        file = self.path / segment_name(seg)
+        data = file.read_bytes()
+        mv = memoryview(data)
+        size = len(data)
+        off = 0
+        decode = _replay_decoder.decode
+        while off < size:
+            bad = self._check_frame(mv, off, size)
+            if bad is None:
+                length = _HEADER.unpack_from(mv, off)[0] + _HEADER_SIZE
+                try:
+                    rec = decode(mv[off + _HEADER_SIZE: off + length])
+                except msgspec.DecodeError as e:
+                    bad = f"undecodable record ({e})"
+                else:
+                    if _apply(rec, live, seg, off, length):
+                        self.accepted[seg] = self.accepted.get(seg, 0) + 1
+                    off += length
+                    continue
+            nxt = self._next_valid_frame(mv, off + 1, size)
+            where = f"segment {file.name} at offset {off}"
+            if nxt is None and last and read_only:
+                break
+            if nxt is None and last:
+                log.warning("journal: torn tail in %s (%s): truncated %d bytes", where, bad, size - off)
+                os.truncate(file, off)
+                size = off
+                break
+            if not repair:
+                raise JournalCorrupt(
+                    f"journal: corrupt record in {where} ({bad}); valid records follow it, so this "
+                    f"is not a torn tail. Start with --repair to skip it (records in it are lost)."
+                )
+            skip_to = size if nxt is None else nxt
+            log.warning("journal: --repair skipped %d bytes in %s (%s)", skip_to - off, where, bad)
+            off = skip_to
+        self._sizes[seg] = size
+
+    @staticmethod
+    def _check_frame(mv: memoryview, off: int, size: int) -> str | None:
+        if off + _HEADER_SIZE > size:
+            return "partial header"
+        length, crc = _HEADER.unpack_from(mv, off)
+        if length == 0 or length > _MAX_FRAME:
+            return f"bad length {length}"
+        if off + _HEADER_SIZE + length > size:
+            return "frame runs past end of file"
+        if crc32c(mv[off + _HEADER_SIZE: off + _HEADER_SIZE + length]) != crc:
+            return "checksum mismatch"
+        return None
+
+    def _next_valid_frame(self, mv: memoryview, start: int, size: int) -> int | None:
+        """Scan for the next offset holding a whole valid frame (error path only)."""
+        for off in range(start, size - _HEADER_SIZE):
+            # A record is a msgpack array: cheap filter before the checksum.
+            first = mv[off + _HEADER_SIZE] if off + _HEADER_SIZE < size else 0
+            if not (0x90 <= first <= 0x9F or first == 0xDC):
+                continue
+            if self._check_frame(mv, off, size) is None:
+                return off
+        return None
+
+    # ---------------------------------------------------------------- writing
+
+    def append(self, rec: Rec) -> Location:
+        """Queue ``rec`` for the writer; returns where it will be. Never blocks."""
+        if self._closed:
+            raise RuntimeError("journal is closed")
+        if not self._pending or self._pending[-1][0] != self._current:
+            self._pending.append((self._current, bytearray()))
+        seg, buf = self._pending[-1]
+        before = len(buf)
+        length = encode_frame(rec, buf)
+        offset = self._sizes.get(seg, 0)
+        if offset and offset + length > self.segment_bytes:
+            # Roll: move the frame to a fresh segment.
+            frame = bytes(buf[before:])
+            del buf[before:]
+            self._current = seg = self._current + 1
+            buf = bytearray(frame)
+            self._pending.append((seg, buf))
+            offset = 0
+        self._sizes[seg] = offset + length
+        if isinstance(rec, Accepted):
+            self.live[seg] = self.live.get(seg, 0) + 1
+            self.accepted[seg] = self.accepted.get(seg, 0) + 1
+        self._wakeup.set()
+        return Location(seg, offset, length)
+
+    async def commit(self, rec: Rec) -> Location:
+        """Append ``rec`` and wait until it is durable under the fsync policy."""
+        loc = self.append(rec)
+        await self._batch_done.wait()
+        return loc
+
+    async def wait_durable(self) -> None:
+        """Wait until everything appended so far is durable."""
+        if self._pending:
+            await self._batch_done.wait()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The single writer task. Runs until cancelled; flushes what is pending on the way out.
+
+        Cancellation: the final flush is synchronous, so it completes even when cancelled.
+        """
+        if not self._replayed:
+            self.replay()
+        self._open_current()
+        task_status.started()
+        try:
+            while True:
+                await self._wakeup.wait()
+                if self.batch_window:
+                    await trio.sleep(self.batch_window)
+                self._wakeup = trio.Event()
+                pending, done = self._pending, self._batch_done
+                self._pending, self._batch_done = [], trio.Event()
+                fds = self._write(pending)
+                if self.fsync != "never":
+                    start = trio.current_time()
+                    await trio.to_thread.run_sync(_fsync_all, fds)
+                    self._last_fsync = trio.current_time() - start
+                    self._fsyncs += 1
+                self._batches += 1
+                done.set()
+        finally:
+            self.close()
+
+    def _write(self, pending: list[tuple[int, bytearray]]) -> list[int]:
+        fds = []
+        for seg, buf in pending:
+            if seg != self._open_seg:
+                # Seal the previous segment before the next one begins.
+                if self.fsync != "never":
+                    os.fsync(self._fd)
+                self._open_current(seg)
+            _write_all(self._fd, buf)
+            if self._fd not in fds:
+                fds.append(self._fd)
+        return fds
+
+    def _open_current(self, seg: int | None = None) -> None:
+        if seg is None:
+            seg = self._current
+        if self._fd >= 0:
+            os.close(self._fd)
+        path = self.path / segment_name(seg)
+        created = not path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._open_seg = seg
+        self._sizes.setdefault(seg, 0)
+        if created and self.fsync != "never":
+            dfd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+    def close(self) -> None:
+        """Write and fsync whatever is pending, close every file. Safe to call twice."""
+        if self._closed:
+            return
+        if self._pending and self._fd >= 0:
+            pending, self._pending = self._pending, []
+            fds = self._write(pending)
+            if self.fsync != "never":
+                _fsync_all(fds)
+        self._batch_done.set()
+        self._closed = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
+
+    # ---------------------------------------------------------------- reading
+
+    def read(self, segment: int, offset: int, length: int) -> Accepted:
+        """Fetch an Accepted record (with its body) from disk, checking its checksum."""
+        fd = self._readers.get(segment)
+        if fd is None:
+            fd = self._readers[segment] = os.open(self.path / segment_name(segment), os.O_RDONLY)
+        frame = os.pread(fd, length, offset)
+        plen, crc = _HEADER.unpack_from(frame, 0)
+        payload = memoryview(frame)[_HEADER_SIZE:]
+        if len(frame) != length or plen != length - _HEADER_SIZE or crc32c(payload) != crc:
+            raise JournalCorrupt(f"journal: bad frame at segment {segment_name(segment)} offset {offset}")
+        rec = _decoder.decode(payload)
+        if not isinstance(rec, Accepted):
+            raise JournalCorrupt(f"journal: expected an accepted record at {segment_name(segment)}:{offset}")
+        return rec
+
+    # ---------------------------------------------------------------- compaction
+
+    def release(self, segment: int) -> None:
+        """A live message whose Accepted frame is in ``segment`` became final (or moved)."""
+        n = self.live.get(segment, 0) - 1
+        if n > 0:
+            self.live[segment] = n
+        else:
+            self.live.pop(segment, None)
+
+    def drop_dead_segments(self) -> list[int]:
+        """Delete the oldest sealed segments while none of them holds a live message."""
+        dropped = []
+        for seg in sorted(self._sizes):
+            if seg >= self._current or self.live.get(seg) or any(s == seg for s, _ in self._pending):
+                break
+            fd = self._readers.pop(seg, None)
+            if fd is not None:
+                os.close(fd)
+            try:
+                os.unlink(self.path / segment_name(seg))
+            except FileNotFoundError:
+                pass
+            del self._sizes[seg]
+            self.accepted.pop(seg, None)
+            dropped.append(seg)
+        return dropped
+
+    def oldest_sealed(self) -> int | None:
+        """The oldest segment that is no longer being written, if any."""
+        segs = sorted(self._sizes)
+        return segs[0] if segs and segs[0] < self._current else None
+
+    def segment_size(self, segment: int) -> int:
+        return self._sizes.get(segment, 0)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    @property
+    def current_segment(self) -> int:
+        return self._current
+
+    def statistics(self) -> JournalStatistics:
+        return JournalStatistics(
+            segments=len(self._sizes),
+            bytes=self.total_bytes,
+            live_messages=sum(self.live.values()),
+            pending_bytes=sum(len(b) for _, b in self._pending),
+            batches=self._batches,
+            fsyncs=self._fsyncs,
+            last_fsync_seconds=self._last_fsync,
+        )
+
+
+def _write_all(fd: int, buf: bytearray) -> None:
+    view = memoryview(buf)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.fdatasync(fd)
+
+
+def _apply(rec, live: dict[str, Delivery], seg: int, off: int, length: int) -> bool:
+    """Fold one replayed record into the live set; True for an Accepted record."""
+    if isinstance(rec, _AcceptedHead):
+        live[rec.id] = Delivery(
+            id=rec.id, sender=rec.sender, domain="", rcpts=list(rec.rcpts), segment=seg,
+            offset=off, length=length, received_at=rec.received_at, attempts=rec.attempts,
+            next_at=rec.next_at, customer=rec.customer,
+        )
+        return True
+    d = live.get(rec.id)
+    if d is None:
+        return False
+    if isinstance(rec, Deferred):
+        d.attempts = max(d.attempts, rec.attempts)
+        d.next_at = max(d.next_at, rec.next_at)
+        return False
+    done = set(rec.rcpts)
+    d.rcpts = [r for r in d.rcpts if r not in done]
+    if not d.rcpts:
+        del live[rec.id]
+    return False

@@ -1,0 +1,228 @@
+"""Programmable SMTP sink for tests, benchmarks and demos.
+
+Rules (TOML, ``[[rule]]`` tables, first match wins) pick what happens to a recipient::
+
+    [[rule]]
+    match = "*@defer.test"          # glob on the lower-cased recipient address
+    action = "defer"                # accept | defer | reject | delay | drop
+    reply = "451 4.3.0 Try again later"
+    at = "rcpt"                     # answer at RCPT (default) or at the end of "data"
+    delay = 0.5                     # seconds to wait first (any action; "delay" then accepts)
+
+Recipients with no matching rule are accepted. With a log file, every accepted message is one
+JSON line: message_id, from, to, peer, size, at.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+import tomllib
+from typing import Literal
+
+import msgspec
+import orjson
+import trio
+import trio.testing
+
+from .config import ConfigError, parse_duration, parse_hostport
+from .smtp.serve import Answer, DropConnection, serve_session
+from .smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
+
+__all__ = ["Sink", "SinkRule", "SinkStatistics", "load_rules", "parse_reply"]
+
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^>\r\n]*>|[^\s]+)")
+
+
+class SinkRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    match: str
+    action: Literal["accept", "defer", "reject", "delay", "drop"] = "accept"
+    reply: str = ""
+    at: Literal["rcpt", "data"] = "rcpt"
+    delay: float | str = 0.0
+
+
+class SinkStatistics(msgspec.Struct):
+    connections: int = 0
+    messages: int = 0
+    recipients: int = 0
+    deferred: int = 0
+    rejected: int = 0
+    dropped: int = 0
+
+
+def parse_reply(text: str, key: str) -> Answer:
+    """ "451 4.3.0 Try later" -> (451, "4.3.0", "Try later")."""
+    m = re.fullmatch(r"\s*([2-5]\d\d)(?:[ -]+([2-5]\.\d{1,3}\.\d{1,3}))?\s*(.*)", text or "")
+    if not m:
+        raise ConfigError(f"{key}: expected a reply like \"451 4.3.0 text\", got {text!r}")
+    code = int(m.group(1))
+    enhanced = m.group(2) or f"{code // 100}.0.0"
+    return code, enhanced, m.group(3) or "Sink rule"
+
+
+_DEFAULT_REPLY = {"defer": "451 4.3.0 Sink: try again later", "reject": "550 5.1.1 Sink: user unknown",
+                  "accept": "250 2.0.0 Ok", "delay": "250 2.0.0 Ok", "drop": "421 4.4.2 dropped"}
+
+
+class _Rule:
+    def __init__(self, rule: SinkRule, i: int) -> None:
+        key = f"rule[{i}]"
+        self.match = rule.match.lower()
+        self.action = rule.action
+        self.at = rule.at
+        self.delay = parse_duration(rule.delay, f"{key}.delay")
+        self.answer = parse_reply(rule.reply or _DEFAULT_REPLY[rule.action], f"{key}.reply")
+        want = {"defer": 4, "reject": 5}.get(self.action)
+        if want and self.answer[0] // 100 != want:
+            raise ConfigError(f"{key}.reply: action {self.action!r} needs a {want}xx reply, got {self.answer[0]}")
+
+
+def load_rules(data: bytes | str | None) -> list[SinkRule]:
+    """Parse a rules file's TOML text; errors name the rule and field."""
+    if not data:
+        return []
+    doc = tomllib.loads(data.decode() if isinstance(data, bytes) else data)
+    try:
+        return msgspec.convert(doc.get("rule", []), list[SinkRule])
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"sink rules: {e}".replace("`$[", "`rule[")) from None
+
+
+class _Session:
+    def __init__(self, sink: "Sink", peer: str) -> None:
+        self.sink = sink
+        self.peer = peer
+        self.data_rules: list[_Rule] = []
+
+    async def on_mail(self, ev: MailFrom) -> Answer:
+        self.data_rules = []
+        return 250, "2.1.0", "Ok"
+
+    async def on_rcpt(self, ev: RcptTo) -> Answer:
+        rule = self.sink.rule_for(ev.address)
+        if rule is None:
+            return 250, "2.1.5", "Ok"
+        if rule.at == "data":
+            self.data_rules.append(rule)
+            return 250, "2.1.5", "Ok"
+        return await self.sink.apply(rule)
+
+    async def on_message(self, ev: MessageReceived) -> Answer:
+        for rule in self.data_rules:
+            answer = await self.sink.apply(rule)
+            if answer[0] >= 300:
+                return answer
+        self.sink.record(ev, self.peer)
+        return 250, "2.0.0", "Ok: queued"
+
+
+class Sink:
+    """A trio SMTP server that answers by rules and counts what it saw.
+
+    Args:
+      rules: parsed rules, first match wins.
+      log_path: write one JSON line per accepted message there.
+    """
+
+    def __init__(self, rules: list[SinkRule] | None = None, *, log_path: str | None = None,
+                 hostname: str = "sink.localhost", max_message_size: int = 64 * 1024 * 1024) -> None:
+        self.rules = [_Rule(r, i) for i, r in enumerate(rules or [])]
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.stats = SinkStatistics()
+        self.messages: list[dict] | None = None  # set to [] to keep accepted messages in memory
+        self._log_path = log_path
+        self._log = None
+        self.address: tuple[str, int] | None = None
+        self._memory_nursery: trio.Nursery | None = None
+
+    def rule_for(self, rcpt: str) -> _Rule | None:
+        rcpt = rcpt.lower()
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(rcpt, rule.match):
+                return rule
+        return None
+
+    async def apply(self, rule: _Rule) -> Answer:
+        if rule.delay:
+            await trio.sleep(rule.delay)
+        if rule.action == "drop":
+            self.stats.dropped += 1
+            raise DropConnection()
+        code = rule.answer[0]
+        if code >= 500:
+            self.stats.rejected += 1
+        elif code >= 400:
+            self.stats.deferred += 1
+        return rule.answer
+
+    def record(self, ev: MessageReceived, peer: str) -> None:
+        self.stats.messages += 1
+        self.stats.recipients += len(ev.rcpts)
+        if self._log is None and self.messages is None:
+            return
+        head = ev.body[: ev.body.find(b"\r\n\r\n") + 2]
+        m = _MESSAGE_ID.search(head)
+        entry = {"message_id": m.group(1).decode("utf-8", "replace") if m else None,
+                 "from": ev.sender, "to": list(ev.rcpts), "peer": peer, "size": len(ev.body),
+                 "at": time.time()}
+        if self.messages is not None:
+            self.messages.append(entry)
+        if self._log is not None:
+            self._log.write(orjson.dumps(entry) + b"\n")
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            ip, port = stream.socket.getpeername()[:2]
+            peer = f"{ip}:{port}"
+        except OSError:
+            peer = "?"
+        await self._serve(stream, peer)
+
+    async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
+        self.stats.connections += 1
+        proto = ServerProtocol(self.hostname, max_message_size=self.max_message_size)
+        await serve_session(stream, proto, _Session(self, peer))
+
+    async def run_in_memory(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve in-memory connections made with :meth:`open_stream` until cancelled
+        (tests on virtual time, where real sockets would let the clock jump)."""
+        async with trio.open_nursery() as nursery:
+            self._memory_nursery = nursery
+            task_status.started(self)
+            await trio.sleep_forever()
+
+    async def open_stream(self, host: str, port: int, source: str = "") -> trio.abc.Stream:
+        """Connect in memory; a drop-in for ``Engine(open_stream=...)``."""
+        client, server = trio.testing.memory_stream_pair()
+        self._memory_nursery.start_soon(self._serve, server, f"{source or '127.0.0.1'}:0")
+        return client
+
+    async def _flush_log(self) -> None:
+        while True:
+            await trio.sleep(0.2)
+            self._log.flush()
+
+    async def run(self, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve on ``address`` until cancelled.
+
+        Args:
+          task_status: started with the bound (host, port).
+        """
+        host, port = parse_hostport(address, "--listen")
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        self.address = listeners[0].socket.getsockname()[:2]
+        if self._log_path:
+            self._log = open(self._log_path, "ab")
+        try:
+            async with trio.open_nursery() as nursery:
+                if self._log is not None:
+                    nursery.start_soon(self._flush_log)
+                task_status.started(self.address)
+                await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None

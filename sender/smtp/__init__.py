@@ -1,0 +1,1 @@
+"""SMTP: sans-IO client and server state machines, and the trio client transport."""

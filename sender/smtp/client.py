@@ -1,0 +1,284 @@
+"""trio transport around the sans-IO client: connect, EHLO, STARTTLS, pipelined transactions.
+
+This is the only SMTP module that awaits sockets. Foreign errors (OSError, trio's broken
+streams, ssl, timeouts) are translated here, once, into :mod:`sender.errors` types, so the
+delivery engine only ever sees ``ConnectError`` (could not open a usable session) or
+``SessionError`` (an open session broke or timed out).
+"""
+
+from __future__ import annotations
+
+import ssl
+from contextlib import contextmanager
+from typing import Awaitable, Callable
+
+import msgspec
+import trio
+
+from ..errors import ConnectError, RemoteProtocolError, SessionError
+from ..model import Reply
+from .protocol import (
+    NEED_DATA,
+    ClientProtocol,
+    Data,
+    Ehlo,
+    Helo,
+    MailFrom,
+    Message,
+    Quit,
+    RcptTo,
+    Rset,
+    StartTls,
+)
+
+__all__ = ["OpenStream", "SMTPSession", "Timeouts", "TransactionResult", "open_session", "opportunistic_tls_context"]
+
+_RECV = 65536
+
+OpenStream = Callable[[str, int, str], Awaitable[trio.abc.Stream]]
+
+
+class Timeouts(msgspec.Struct, frozen=True):
+    """Seconds per phase (RFC 5321 4.5.3.2 minimums by default)."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    ehlo: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data: float = 120.0
+    data_block: float = 180.0
+    data_done: float = 600.0
+    quit: float = 10.0
+
+
+class TransactionResult(msgspec.Struct):
+    """Replies of one transaction. ``data_reply`` is None when DATA was never accepted (no
+    recipient taken, or MAIL refused); then ``final`` is the reply that ended it."""
+
+    mail: Reply
+    rcpts: list[Reply]
+    final: Reply
+    data_started: bool
+
+
+def opportunistic_tls_context() -> ssl.SSLContext:
+    """TLS without certificate checks: RFC 7435 opportunistic security, as SMTP relays do."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@contextmanager
+def _session_errors(phase: str, peer: str):
+    try:
+        yield
+    except trio.TooSlowError as e:
+        raise SessionError(f"{peer}: timeout during {phase}") from e
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as e:
+        raise SessionError(f"{peer}: connection lost during {phase}: {e}") from e
+    except RemoteProtocolError as e:
+        raise SessionError(f"{peer}: protocol error during {phase}: {e}") from e
+
+
+class SMTPSession:
+    """One open SMTP session, reusable for many transactions.
+
+    Not safe for concurrent use: one connection worker owns it.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, peer: str, timeouts: Timeouts) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.timeouts = timeouts
+        self.proto = ClientProtocol()
+        self.greeting: Reply | None = None
+        self.tls = False
+        self.transactions = 0
+
+    async def _send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def _replies(self, n: int) -> list[Reply]:
+        """Read the next ``n`` replies (pipelined replies arrive in order)."""
+        proto = self.proto
+        out: list[Reply] = []
+        while len(out) < n:
+            ev = proto.next_event()
+            if ev is NEED_DATA:
+                data = await self.stream.receive_some(_RECV)
+                proto.receive_data(data)
+                continue
+            out.append(ev.reply)
+        return out
+
+    async def _one(self, phase: str, timeout: float) -> Reply:
+        with _session_errors(phase, self.peer), trio.fail_after(timeout):
+            return (await self._replies(1))[0]
+
+    async def handshake(self, ehlo: str, *, tls_context: ssl.SSLContext | None, server_hostname: str) -> None:
+        """Greeting, EHLO (HELO fallback), and STARTTLS when offered and wanted.
+
+        Raises:
+          ConnectError: the greeting or EHLO/HELO was refused, or TLS failed to start.
+        """
+        t = self.timeouts
+        self.greeting = await self._one("greeting", t.greeting)
+        if self.greeting.code != 220:
+            raise ConnectError(f"{self.peer}: greeting refused: {self.greeting}", reply=self.greeting)
+        await self._hello(ehlo)
+        if tls_context is not None and self.proto.starttls and not self.tls:
+            with _session_errors("STARTTLS", self.peer), trio.fail_after(t.ehlo):
+                await self._send(self.proto.send(StartTls()))
+                reply = (await self._replies(1))[0]
+            if reply.code != 220:
+                return  # opportunistic: carry on in clear text
+            tls_stream = trio.SSLStream(self.stream, tls_context, server_hostname=server_hostname or None)
+            try:
+                with trio.fail_after(t.ehlo):
+                    await tls_stream.do_handshake()
+            except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as e:
+                raise ConnectError(f"{self.peer}: TLS handshake failed: {e}", tls_failed=True) from e
+            self.stream = tls_stream
+            self.tls = True
+            self.proto.tls_started()
+            await self._hello(ehlo)
+
+    async def _hello(self, ehlo: str) -> None:
+        t = self.timeouts
+        with _session_errors("EHLO", self.peer), trio.fail_after(t.ehlo):
+            await self._send(self.proto.send(Ehlo(ehlo)))
+            reply = (await self._replies(1))[0]
+            if reply.code == 250:
+                return
+            if reply.code >= 500:
+                await self._send(self.proto.send(Helo(ehlo)))
+                reply = (await self._replies(1))[0]
+                if reply.code == 250:
+                    return
+        raise ConnectError(f"{self.peer}: EHLO/HELO refused: {reply}", reply=reply)
+
+    def _mail_params(self, sender: str, rcpts: list[str], body: bytes) -> tuple[str, ...]:
+        p = self.proto
+        params = []
+        if p.max_size is not None:
+            params.append(f"SIZE={len(body)}")
+        if p.eightbitmime and not body.isascii():
+            params.append("BODY=8BITMIME")
+        if p.smtputf8 and not (sender.isascii() and all(r.isascii() for r in rcpts)):
+            params.append("SMTPUTF8")
+        return tuple(params)
+
+    async def transaction(self, sender: str, rcpts: list[str], body: bytes) -> TransactionResult:
+        """Send one message: MAIL, RCPT..., DATA in one pipelined write when the server offers
+        PIPELINING (RFC 2920), then the dot-stuffed body.
+
+        Raises:
+          SessionError: the session broke or a phase timed out; the outcome is unknown.
+        """
+        p, t = self.proto, self.timeouts
+        self.transactions += 1
+        mail_cmd = MailFrom(sender, self._mail_params(sender, rcpts, body))
+        with _session_errors("MAIL/RCPT/DATA", self.peer):
+            if p.pipelining:
+                cmds = [mail_cmd, *(RcptTo(r) for r in rcpts), Data()]
+                with trio.fail_after(t.mail + t.rcpt + t.data):
+                    await self._send(p.send_many(cmds))
+                    replies = await self._replies(len(cmds))
+                mail, rcpt_replies, data = replies[0], replies[1:-1], replies[-1]
+            else:
+                with trio.fail_after(t.mail):
+                    await self._send(p.send(mail_cmd))
+                    mail = (await self._replies(1))[0]
+                rcpt_replies = []
+                data = None
+                if mail.code == 250:
+                    for r in rcpts:
+                        with trio.fail_after(t.rcpt):
+                            await self._send(p.send(RcptTo(r)))
+                            rcpt_replies.append((await self._replies(1))[0])
+                    if any(200 <= x.code < 300 for x in rcpt_replies):
+                        with trio.fail_after(t.data):
+                            await self._send(p.send(Data()))
+                            data = (await self._replies(1))[0]
+                if data is None:
+                    # Nothing to send: end the transaction so the session stays reusable.
+                    with trio.fail_after(t.mail):
+                        await self._send(p.send(Rset()))
+                        await self._replies(1)
+                    return TransactionResult(mail, rcpt_replies or [mail] * len(rcpts), mail, False)
+            if data.code != 354:
+                return TransactionResult(mail, rcpt_replies, data, False)
+            with trio.fail_after(t.data_block):
+                await self._send(p.send(Message(body)))
+            with trio.fail_after(t.data_done):
+                final = (await self._replies(1))[0]
+        return TransactionResult(mail, rcpt_replies, final, True)
+
+    async def reset(self) -> None:
+        with _session_errors("RSET", self.peer), trio.fail_after(self.timeouts.mail):
+            await self._send(self.proto.send(Rset()))
+            await self._replies(1)
+
+    async def quit(self) -> None:
+        """Say QUIT and close; never raises.
+
+        Cancellation: shielded, bounded by the quit timeout, so shutdown is polite but quick.
+        """
+        with trio.move_on_after(self.timeouts.quit, shield=True):
+            try:
+                if self.proto.pending == 0:
+                    await self._send(self.proto.send(Quit()))
+                    await self._replies(1)
+            except Exception:
+                pass
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.aclose()
+            except Exception:
+                pass
+
+
+async def open_session(
+    host: str,
+    port: int,
+    *,
+    ehlo: str,
+    source: str = "",
+    timeouts: Timeouts = Timeouts(),
+    tls_context: ssl.SSLContext | None = None,
+    open_stream: OpenStream | None = None,
+) -> SMTPSession:
+    """Connect (from ``source`` when given), read the greeting, EHLO and maybe STARTTLS.
+
+    Args:
+      open_stream: replaces the TCP connect (tests pass in-memory streams here).
+
+    Raises:
+      ConnectError: no session could be established; ``reply`` is set when the server refused.
+    """
+    peer = f"{host}:{port}"
+    try:
+        with trio.fail_after(timeouts.connect):
+            if open_stream is not None:
+                stream = await open_stream(host, port, source)
+            else:
+                stream = await trio.open_tcp_stream(host, port, local_address=source or None)
+    except trio.TooSlowError as e:
+        raise ConnectError(f"{peer}: connect timeout after {timeouts.connect:g}s") from e
+    except OSError as e:
+        raise ConnectError(f"{peer}: connect failed: {e.strerror or e}") from e
+    session = SMTPSession(stream, peer, timeouts)
+    try:
+        await session.handshake(ehlo, tls_context=tls_context, server_hostname=host)
+    except SessionError as e:
+        await session.aclose()
+        raise ConnectError(str(e)) from e
+    except BaseException:
+        await session.aclose()
+        raise
+    return session

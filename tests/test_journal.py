@@ -1,0 +1,150 @@
+"""Journal: framing, group commit, replay, torn tails, corruption, compaction."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import trio
+
+from sender.journal import Journal, JournalCorrupt, segment_name
+from sender.model import Accepted, Bounced, Deferred, Delivered, Reply
+
+
+def accepted(i: int, rcpts=None, body=None) -> Accepted:
+    return Accepted(id=f"M{i:05d}", sender="a@x.test", rcpts=rcpts or [f"u{i}@y.test"],
+                    received_at=1000.0 + i, body=body or (b"Subject: %d\r\n\r\nhello\r\n" % i))
+
+
+async def write_all(path, records, **kw) -> list:
+    j = Journal(path, **kw)
+    j.replay()
+    locs = []
+    async with trio.open_nursery() as n:
+        await n.start(j.run)
+        for r in records:
+            locs.append(await j.commit(r))
+        n.cancel_scope.cancel()
+    return locs
+
+
+@pytest.mark.parametrize("policy", ["always", "batch", "never"])
+async def test_commit_then_replay_round_trip(tmp_path, policy):
+    recs = [accepted(i) for i in range(10)]
+    locs = await write_all(tmp_path, recs + [Delivered("M00003", ["u3@y.test"], 2000.0, Reply(250, "ok", "2.0.0"))],
+                           fsync=policy)
+    j = Journal(tmp_path)
+    live = j.replay()
+    assert sorted(live) == [f"M{i:05d}" for i in range(10) if i != 3]
+    d = live["M00005"]
+    assert (d.segment, d.offset, d.length) == tuple(locs[5])
+    assert j.read(d.segment, d.offset, d.length).body == recs[5].body
+    j.close()
+
+
+async def test_group_commit_wakes_every_waiter_with_one_fsync(tmp_path):
+    j = Journal(tmp_path, fsync="batch")
+    j.replay()
+    async with trio.open_nursery() as n:
+        await n.start(j.run)
+        async with trio.open_nursery() as writers:
+            for i in range(200):
+                writers.start_soon(j.commit, accepted(i))
+        stats = j.statistics()
+        n.cancel_scope.cancel()
+    assert stats.live_messages == 200
+    # 200 concurrent commits were made durable by far fewer fsyncs.
+    assert 1 <= stats.fsyncs < 20
+
+
+async def test_partial_recipients_and_deferral_survive_replay(tmp_path):
+    rec = accepted(1, rcpts=["a@y.test", "b@y.test", "c@z.test"])
+    await write_all(tmp_path, [
+        rec,
+        Delivered(rec.id, ["a@y.test"], 1.0),
+        Bounced(rec.id, ["c@z.test"], 1.0, Reply(550, "no such user", "5.1.1")),
+        Deferred(rec.id, ["b@y.test"], 2.0, next_at=500.0, attempts=3),
+    ])
+    live = Journal(tmp_path).replay()
+    d = live[rec.id]
+    assert d.rcpts == ["b@y.test"] and d.attempts == 3 and d.next_at == 500.0
+
+
+async def test_torn_tail_is_truncated_and_earlier_records_kept(tmp_path, caplog):
+    await write_all(tmp_path, [accepted(i) for i in range(20)])
+    seg = tmp_path / segment_name(1)
+    full = seg.stat().st_size
+    last_len = Journal(tmp_path).replay()["M00019"].length
+    cut = full - last_len // 2          # mid-way through the last record
+    os.truncate(seg, cut)
+    with caplog.at_level(logging.WARNING, logger="sender.journal"):
+        live = Journal(tmp_path).replay()
+    assert sorted(live) == [f"M{i:05d}" for i in range(19)]
+    assert seg.stat().st_size == full - last_len
+    msg = caplog.text
+    assert segment_name(1) in msg and f"offset {full - last_len}" in msg
+
+
+async def test_torn_header_only(tmp_path):
+    await write_all(tmp_path, [accepted(i) for i in range(3)])
+    seg = tmp_path / segment_name(1)
+    with open(seg, "ab") as f:
+        f.write(b"\x10\x00")            # two bytes of a next header
+    assert sorted(Journal(tmp_path).replay()) == ["M00000", "M00001", "M00002"]
+
+
+async def test_corrupt_record_in_the_middle_stops_start_up(tmp_path):
+    locs = await write_all(tmp_path, [accepted(i) for i in range(5)])
+    seg = tmp_path / segment_name(1)
+    data = bytearray(seg.read_bytes())
+    data[locs[2].offset + 20] ^= 0xFF   # flip a byte inside record 2's payload
+    seg.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt) as e:
+        Journal(tmp_path).replay()
+    assert segment_name(1) in str(e.value) and f"offset {locs[2].offset}" in str(e.value)
+    assert "--repair" in str(e.value)
+    # --repair skips exactly the bad record and keeps the rest.
+    live = Journal(tmp_path).replay(repair=True)
+    assert sorted(live) == ["M00000", "M00001", "M00003", "M00004"]
+
+
+async def test_segments_roll_and_dead_ones_are_dropped(tmp_path):
+    body = b"x" * 3000
+    recs = [accepted(i, body=body) for i in range(12)]
+    j = Journal(tmp_path, segment_bytes=10_000)
+    j.replay()
+    async with trio.open_nursery() as n:
+        await n.start(j.run)
+        locs = [await j.commit(r) for r in recs]
+        assert len({loc.segment for loc in locs}) >= 4
+        assert all(j.read(*loc).body == body for loc in locs)
+        first = locs[0].segment
+        for r, loc in zip(recs, locs):
+            if loc.segment == first:
+                j.append(Delivered(r.id, r.rcpts, 1.0))
+                j.release(loc.segment)
+        await j.wait_durable()
+        assert j.drop_dead_segments() == [first]
+        # The next segment still has live messages: nothing more goes.
+        assert j.drop_dead_segments() == []
+        n.cancel_scope.cancel()
+    assert not (tmp_path / segment_name(first)).exists()
+    live = Journal(tmp_path).replay()
+    assert sorted(live) == sorted(r.id for r, loc in zip(recs, locs) if loc.segment != first)
+
+
+async def test_read_detects_a_bad_frame(tmp_path):
+    locs = await write_all(tmp_path, [accepted(1)])
+    seg = tmp_path / segment_name(1)
+    data = bytearray(seg.read_bytes())
+    data[-3] ^= 0x01
+    seg.write_bytes(bytes(data))
+    j = Journal(tmp_path)
+    with pytest.raises(JournalCorrupt):
+        j.read(*locs[0])
+
+
+def test_bad_fsync_policy_is_named():
+    with pytest.raises(ValueError, match="fsync"):
+        Journal("/nonexistent", fsync="sometimes")

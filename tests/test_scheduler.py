@@ -1,0 +1,386 @@
+"""Scheduler twins: every test runs on both via the ``sched`` fixture, and a
+state machine drives both side by side to prove they agree result for result."""
+
+import gc
+import importlib
+import math
+import os
+import random
+import sys
+import weakref
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+NO_EXTENSIONS = os.environ.get("SENDER_NO_EXTENSIONS") == "1"
+NAN = math.nan
+INF = math.inf
+
+# ``sched`` is a module, not per-test state, so reusing it across examples is safe.
+fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+
+
+# --- TimerHeap ---------------------------------------------------------------
+
+
+def test_orders_by_due(sched):
+    h = sched.TimerHeap()
+    for due, item in [(3.0, "c"), (1.0, "a"), (2.0, "b"), (-1.0, "neg"), (INF, "never")]:
+        h.push(due, item)
+    assert len(h) == 5
+    assert h.peek_due() == -1.0
+    assert [h.pop() for _ in range(5)] == ["neg", "a", "b", "c", "never"]
+
+
+def test_equal_due_higher_priority_first_then_fifo(sched):
+    h = sched.TimerHeap()
+    h.push(5.0, "low-1", priority=-1)
+    h.push(5.0, "mid-1")
+    h.push(5.0, "high-1", priority=7)
+    h.push(5.0, "mid-2", 0)
+    h.push(5.0, "high-2", priority=7)
+    h.push(4.0, "earlier", priority=-100)
+    assert h.pop_due(5.0) == ["earlier", "high-1", "high-2", "mid-1", "mid-2", "low-1"]
+
+
+def test_fifo_survives_many_equal_keys(sched):
+    h = sched.TimerHeap()
+    for i in range(1000):
+        h.push(1.0, i)
+    assert h.pop_due(1.0) == list(range(1000))
+
+
+def test_pop_due_takes_only_due_items(sched):
+    h = sched.TimerHeap()
+    for due in [1.0, 2.0, 2.0, 3.0]:
+        h.push(due, due)
+    assert h.pop_due(0.5) == []
+    assert h.pop_due(2.0) == [1.0, 2.0, 2.0]
+    assert len(h) == 1
+    assert h.peek_due() == 3.0
+
+
+def test_pop_due_limit(sched):
+    h = sched.TimerHeap()
+    for i in range(5):
+        h.push(float(i), i)
+    assert h.pop_due(10.0, 0) == []
+    assert h.pop_due(10.0, limit=2) == [0, 1]
+    assert h.pop_due(10.0, limit=-1) == [2, 3, 4]
+    assert h.pop_due(10.0, limit=5) == []
+
+
+def test_empty_heap(sched):
+    h = sched.TimerHeap()
+    assert len(h) == 0
+    assert not h
+    assert h.peek_due() == INF
+    assert h.pop_due(INF) == []
+    with pytest.raises(IndexError, match=r"^pop from empty TimerHeap$"):
+        h.pop()
+
+
+def test_clear(sched):
+    h = sched.TimerHeap()
+    for i in range(100):
+        h.push(i, i)
+    h.clear()
+    assert len(h) == 0
+    assert h.peek_due() == INF
+    h.push(1.0, "again")
+    assert h.pop() == "again"
+
+
+def test_bad_push_arguments(sched):
+    h = sched.TimerHeap()
+    with pytest.raises(ValueError, match="due"):
+        h.push(NAN, "x")
+    with pytest.raises(TypeError):
+        h.push("1.0", "x")
+    with pytest.raises(TypeError):
+        h.push(1.0, "x", priority=1.5)
+    with pytest.raises(OverflowError):
+        h.push(1.0, "x", priority=2**63)
+    assert len(h) == 0
+    h.push(1, "int due", priority=True)  # ints and bools convert like C parameters
+    assert h.peek_due() == 1.0
+
+
+def test_items_are_never_compared(sched):
+    h = sched.TimerHeap()
+    a, b = {"x": 1}, {"x": 2}  # dicts do not support <
+    h.push(1.0, a)
+    h.push(1.0, b)
+    assert h.pop() is a
+    assert h.pop() is b
+
+
+def test_matches_sorted_order(sched):
+    rng = random.Random(1234)
+    h = sched.TimerHeap()
+    entries = []
+    for seq in range(2000):
+        due, prio = float(rng.randrange(50)), rng.randrange(-3, 4)
+        h.push(due, seq, prio)
+        entries.append((due, -prio, seq))
+    entries.sort()
+    assert h.pop_due(10.0, limit=100) == [seq for _, _, seq in entries[:100]]
+    del entries[:100]
+    # Push again so freed slots get reused.
+    for seq in range(2000, 2500):
+        due, prio = float(rng.randrange(50)), rng.randrange(-3, 4)
+        h.push(due, seq, prio)
+        entries.append((due, -prio, seq))
+    assert h.pop_due(INF) == [seq for _, _, seq in sorted(entries)]
+
+
+def test_items_are_released(sched):
+    class Item:
+        pass
+
+    h = sched.TimerHeap()
+    kept = Item()
+    before = sys.getrefcount(kept)
+    h.push(1.0, kept)
+    assert sys.getrefcount(kept) == before + 1
+    assert h.pop() is kept
+    assert sys.getrefcount(kept) == before
+
+    dropped = Item()
+    ref = weakref.ref(dropped)
+    h.push(1.0, dropped)
+    del dropped
+    assert ref() is not None
+    h.clear()
+    assert ref() is None
+
+
+def test_cycles_through_heap_are_collected(sched):
+    class Timer:
+        pass
+
+    h = sched.TimerHeap()
+    t = Timer()
+    t.heap = h  # item -> heap -> item
+    h.push(1.0, t)
+    ref = weakref.ref(t)
+    del h, t
+    gc.collect()
+    assert ref() is None
+
+
+def test_subclass_may_define_init(sched):
+    class Named(sched.TimerHeap):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+    h = Named("retries")
+    h.push(1.0, "x")
+    assert (h.name, len(h)) == ("retries", 1)
+
+
+# --- TokenBucket -------------------------------------------------------------
+
+
+def test_bucket_refill_math(sched):
+    b = sched.TokenBucket(rate=10.0, burst=5.0)
+    assert [b.try_take(0.0) for _ in range(5)] == [True] * 5
+    assert b.try_take(0.0) is False
+    assert b.delay(0.0) == pytest.approx(0.1)
+    assert b.tokens(0.0) == 0.0
+    assert b.try_take(0.1) is True
+    assert b.try_take(0.1) is False
+    assert b.tokens(0.35) == pytest.approx(2.5)
+
+
+def test_bucket_starts_full_and_caps_at_burst(sched):
+    b = sched.TokenBucket(2.0, 3.0, now=100.0)
+    assert b.tokens(100.0) == 3.0
+    assert b.tokens(1e6) == 3.0
+    assert b.delay(100.0, 3.0) == 0.0
+    assert b.try_take(100.0, 3.0)
+    assert b.delay(100.0, 3.0) == pytest.approx(1.5)
+
+
+def test_bucket_takes_fractions_and_never_more_than_burst(sched):
+    b = sched.TokenBucket(1.0, 2.0)
+    assert b.try_take(0.0, 0.5)
+    assert b.tokens(0.0) == 1.5
+    assert b.try_take(0.0, 0.0)
+    assert b.try_take(0.0, 2.5) is False
+    assert b.delay(0.0, 2.5) == INF
+
+
+def test_bucket_ignores_clock_going_back(sched):
+    b = sched.TokenBucket(1.0, 1.0, now=10.0)
+    assert b.try_take(10.0)
+    assert b.tokens(5.0) == 0.0
+    assert b.try_take(5.0) is False
+    assert b.delay(10.0) == pytest.approx(1.0)
+    assert b.try_take(11.0)
+
+
+def test_set_rate(sched):
+    b = sched.TokenBucket(10.0, 5.0)
+    assert b.try_take(0.0, 1.0)  # 4 left
+    b.set_rate(1.0, 2.0, now=0.0)
+    assert (b.rate, b.burst) == (1.0, 2.0)
+    assert b.tokens(0.0) == 2.0  # capped at the new burst
+    b.set_rate(100.0, 50.0, now=0.0)
+    assert b.tokens(0.0) == 2.0  # kept, not topped up
+    assert b.tokens(0.1) == pytest.approx(12.0)  # new rate applies from now on
+
+
+def test_set_rate_counts_elapsed_time_at_old_rate(sched):
+    b = sched.TokenBucket(1.0, 10.0)
+    assert b.try_take(0.0, 10.0)
+    b.set_rate(100.0, 10.0, now=2.0)
+    assert b.tokens(2.0) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "name"),
+    [(0.0, 5.0, "rate"), (-1.0, 5.0, "rate"), (NAN, 5.0, "rate"), (1.0, 0.5, "burst"), (1.0, NAN, "burst")],
+)
+def test_bucket_value_errors_name_the_argument(sched, rate, burst, name):
+    with pytest.raises(ValueError, match=f"^{name} "):
+        sched.TokenBucket(rate, burst)
+    b = sched.TokenBucket(1.0, 1.0)
+    with pytest.raises(ValueError, match=f"^{name} "):
+        b.set_rate(rate, burst, 0.0)
+    assert (b.rate, b.burst) == (1.0, 1.0)
+
+
+def test_bucket_rejects_negative_n(sched):
+    b = sched.TokenBucket(1.0, 1.0)
+    for fn in (b.try_take, b.delay):
+        with pytest.raises(ValueError, match="^n "):
+            fn(0.0, -1.0)
+        with pytest.raises(ValueError, match="^n "):
+            fn(0.0, NAN)
+
+
+def test_rate_and_burst_are_read_only(sched):
+    b = sched.TokenBucket(1.0, 2.0)
+    with pytest.raises(AttributeError):
+        b.rate = 5.0
+    with pytest.raises(AttributeError):
+        b.burst = 5.0
+    assert isinstance(b.rate, float) and isinstance(b.burst, float)
+
+
+@fixture_ok
+@given(
+    rate=st.floats(1e-3, 1e6),
+    burst=st.floats(1.0, 1e6),
+    start=st.floats(0.0, 1e9),
+    drain=st.floats(0.0, 1.0),
+    n_frac=st.floats(0.0, 1.0),
+)
+def test_waiting_delay_is_always_enough(sched, rate, burst, start, drain, n_frac):
+    # A trio task sleeps delay() then retries; with autojump_clock it wakes at
+    # exactly now + delay, so float rounding must not make the retry fail.
+    b = sched.TokenBucket(rate, burst, now=start)
+    assert b.try_take(start, burst * drain)
+    n = burst * n_frac
+    d = b.delay(start, n)
+    assert d >= 0.0
+    assert b.try_take(start + d, n)
+
+
+# --- the twins agree ---------------------------------------------------------
+
+dues = st.one_of(st.floats(-1e6, 1e6), st.sampled_from([0.0, 1.0, INF, -INF, NAN]))
+priorities = st.one_of(st.integers(-3, 3), st.sampled_from([-(2**63), 2**63 - 1, 2**63]))
+amounts = st.one_of(st.floats(0.0, 20.0), st.sampled_from([0.0, 1.0, -1.0, NAN, 1e9]))
+rates = st.one_of(st.floats(0.01, 1e4), st.sampled_from([0.0, -1.0, NAN, INF]))
+bursts = st.one_of(st.floats(1.0, 100.0), st.sampled_from([0.5, 1.0, NAN, INF]))
+
+
+def outcome(fn, *args):
+    """Result, or exception type and message, comparable across twins."""
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:  # noqa: BLE001 - the point is to compare any error
+        return ("raised", type(exc), str(exc))
+
+
+class TwinsAgree(RuleBasedStateMachine):
+    """Same operations on both twins; every result and error must be identical."""
+
+    def __init__(self):
+        super().__init__()
+        self.mods = [importlib.import_module(f"sender._scheduler_{n}") for n in ("c", "py")]
+        self.heaps = [m.TimerHeap() for m in self.mods]
+        self.buckets = None
+        self.now = 0.0
+        self.items = 0
+
+    def same(self, method, *args, objs=None):
+        got = [outcome(getattr(o, method), *args) for o in (objs or self.heaps)]
+        assert got[0] == got[1], (method, args, got)
+        return got[0]
+
+    @rule(due=dues, priority=priorities)
+    def push(self, due, priority):
+        self.items += 1
+        self.same("push", due, self.items, priority)
+
+    @rule()
+    def pop(self):
+        self.same("pop")
+
+    @rule(now=dues, limit=st.integers(-2, 6))
+    def pop_due(self, now, limit):
+        self.same("pop_due", now, limit)
+
+    @rule()
+    def clear(self):
+        self.same("clear")
+
+    @invariant()
+    def heaps_look_alike(self):
+        c, py = self.heaps
+        assert len(c) == len(py)
+        assert c.peek_due() == py.peek_due()
+
+    @rule(rate=rates, burst=bursts, dt=st.floats(0.0, 10.0))
+    def new_bucket(self, rate, burst, dt):
+        got = [outcome(m.TokenBucket, rate, burst, self.now + dt) for m in self.mods]
+        assert [g[0] for g in got] == [got[0][0]] * 2, got
+        if got[0][0] == "raised":
+            assert got[0][1:] == got[1][1:]
+        else:
+            self.buckets = [g[1] for g in got]
+
+    @rule(dt=st.one_of(st.floats(0.0, 2.0), st.floats(-1.0, 0.0), st.just(0.0)))
+    def tick(self, dt):
+        self.now += dt
+
+    @precondition(lambda self: self.buckets)
+    @rule(n=amounts)
+    def try_take(self, n):
+        self.same("try_take", self.now, n, objs=self.buckets)
+
+    @precondition(lambda self: self.buckets)
+    @rule(n=amounts)
+    def delay(self, n):
+        self.same("delay", self.now, n, objs=self.buckets)
+
+    @precondition(lambda self: self.buckets)
+    @rule(rate=rates, burst=bursts)
+    def set_rate(self, rate, burst):
+        self.same("set_rate", rate, burst, self.now, objs=self.buckets)
+
+    @invariant()
+    def buckets_look_alike(self):
+        if self.buckets:
+            c, py = self.buckets
+            assert (c.rate, c.burst, c.tokens(self.now)) == (py.rate, py.burst, py.tokens(self.now))
+
+
+TestTwinsAgree = pytest.mark.skipif(NO_EXTENSIONS, reason="SENDER_NO_EXTENSIONS=1")(TwinsAgree.TestCase)
+TestTwinsAgree.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
