@@ -44,6 +44,8 @@ class Outcomes(Protocol):
     def deferred(self, d: Delivery, rcpts: list[str], reply: Reply) -> Delivery | None:
         """Journal a deferral; returns the delivery to retry, or None if it expired."""
     def body(self, d: Delivery) -> bytes: ...
+    async def settle(self) -> None:
+        """Return once the outcomes reported so far are as durable as the policy asks."""
 
 
 class PoolStatistics(msgspec.Struct, frozen=True):
@@ -265,6 +267,7 @@ class SitePool:
                     report(d, rcpts, reply)
                 else:
                     self.d.retry(out.deferred(d, rcpts, reply))
+        await out.settle()
 
 
 class Dispatcher:

@@ -26,7 +26,7 @@ from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
 from .model import Accepted, Bounced, Deferred, Delivered, Delivery, Expired, Reply
 
-__all__ = ["Engine", "EngineStatistics", "SpoolFull", "split_by_domain"]
+__all__ = ["Engine", "EngineStatistics", "SpoolFull", "max_in_flight", "split_by_domain"]
 
 log = logging.getLogger("sender.engine")
 
@@ -46,6 +46,12 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     live_messages: int
     journal: JournalStatistics
     sites: list[PoolStatistics]
+
+
+def max_in_flight(config: Config) -> int:
+    """Most messages whose delivery can be under way at once per site: one transaction per
+    connection. After a crash, only these can be delivered twice."""
+    return config.delivery.connection_limit
 
 
 def split_by_domain(rcpts: list[str]) -> dict[str, list[str]]:
@@ -174,6 +180,11 @@ class Engine:
 
     def _record(self, rec) -> None:
         self.journal.append(rec)
+
+    async def settle(self) -> None:
+        """With fsync = "always", wait until the outcomes just recorded are durable."""
+        if self._wait_outcomes:
+            await self.journal.wait_durable()
 
     def _done(self, d: Delivery, rcpts: list[str]) -> None:
         """``rcpts`` of ``d`` reached a final state; release the message when none is left."""

@@ -4,15 +4,16 @@ Layout: a spool directory of numbered segment files (``0000000001.seg``, ...). E
 one frame ``[u32 length][u32 crc32c(payload)][payload = msgpack of a JournalRecord]``, little
 endian. Frames are only ever appended; a segment is sealed (fsynced) when the next one starts.
 
-Group commit: callers ``append()`` encoded frames into a pending buffer without waiting, or
-``await commit()`` to also wait until their frame is durable. One writer task drains the buffer:
-it writes the whole batch, fsyncs once (in a worker thread, so the event loop keeps accepting),
-then wakes every waiter of that batch at once. Policies:
+Every ``append()`` writes its frame at once (one ``write()`` into the page cache), so a record
+survives a crash of this process as soon as ``append()`` returns. Durability against power loss
+is group commit: ``await commit()`` waits for the writer task, which fsyncs once (in a worker
+thread, so the event loop keeps accepting) for everything written since its last fsync, then
+wakes every waiter of that batch at once. Policies:
 
 - ``batch`` (default): acknowledgements wait for the group fsync; outcome records ride along.
 - ``always``: like batch, and callers also wait for outcome records (no redelivery after a
   power loss); the engine decides which records it waits for.
-- ``never``: no fsync at all; a commit waits only for the write() into the page cache.
+- ``never``: no fsync at all; a commit returns once its frame is written.
 
 Replay rebuilds the live queue from the segments: a torn or corrupt tail of the newest segment
 is truncated with a warning naming the segment and offset; a corrupt frame anywhere else stops
@@ -66,7 +67,6 @@ class JournalStatistics(msgspec.Struct, frozen=True):
     segments: int
     bytes: int
     live_messages: int
-    pending_bytes: int
     batches: int
     fsyncs: int
     last_fsync_seconds: float
@@ -150,8 +150,9 @@ class Journal:
         self._readers: dict[int, int] = {}      # segment -> read fd
         self._current = 1
         self._fd = -1
-        self._open_seg = 0
-        self._pending: list[tuple[int, bytearray]] = []
+        self._buf = bytearray()
+        self._dirty = False
+        self._to_sync: dict[int, bool] = {}     # fd -> close it once synced (sealed segment)
         self._batch_done = trio.Event()
         self._wakeup = trio.Event()
         self._replayed = False
@@ -261,49 +262,58 @@ class Journal:
     # ---------------------------------------------------------------- writing
 
     def append(self, rec: Rec) -> Location:
-        """Queue ``rec`` for the writer; returns where it will be. Never blocks."""
+        """Write ``rec`` now (into the page cache, so it survives a crash of this process)
+        and return where it is. Never awaits; durability against power loss comes from the
+        writer's next fsync."""
         if self._closed:
             raise RuntimeError("journal is closed")
-        if not self._pending or self._pending[-1][0] != self._current:
-            self._pending.append((self._current, bytearray()))
-        seg, buf = self._pending[-1]
-        before = len(buf)
+        if self._fd < 0:
+            self._open_current()
+        buf = self._buf
+        del buf[:]
         length = encode_frame(rec, buf)
+        seg = self._current
         offset = self._sizes.get(seg, 0)
         if offset and offset + length > self.segment_bytes:
-            # Roll: move the frame to a fresh segment.
-            frame = bytes(buf[before:])
-            del buf[before:]
-            self._current = seg = self._current + 1
-            buf = bytearray(frame)
-            self._pending.append((seg, buf))
-            offset = 0
+            self._roll()
+            seg, offset = self._current, 0
+        _write_all(self._fd, buf)
         self._sizes[seg] = offset + length
+        self._dirty = True
         if isinstance(rec, Accepted):
             self.live[seg] = self.live.get(seg, 0) + 1
             self.accepted[seg] = self.accepted.get(seg, 0) + 1
         self._wakeup.set()
         return Location(seg, offset, length)
 
+    def _roll(self) -> None:
+        """Start the next segment; the writer seals (fsyncs) and closes the old one."""
+        self._to_sync[self._fd] = True
+        self._fd = -1
+        self._current += 1
+        self._open_current()
+
     async def commit(self, rec: Rec) -> Location:
         """Append ``rec`` and wait until it is durable under the fsync policy."""
         loc = self.append(rec)
-        await self._batch_done.wait()
+        if self.fsync != "never":
+            await self._batch_done.wait()
         return loc
 
     async def wait_durable(self) -> None:
         """Wait until everything appended so far is durable."""
-        if self._pending:
+        if self.fsync != "never" and (self._dirty or self._to_sync):
             await self._batch_done.wait()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The single writer task. Runs until cancelled; flushes what is pending on the way out.
+        """The single fsync task (group commit). Runs until cancelled.
 
-        Cancellation: the final flush is synchronous, so it completes even when cancelled.
+        Cancellation: the final sync in :meth:`close` is synchronous, so it completes anyway.
         """
         if not self._replayed:
             self.replay()
-        self._open_current()
+        if self._fd < 0:
+            self._open_current()
         task_status.started()
         try:
             while True:
@@ -311,41 +321,29 @@ class Journal:
                 if self.batch_window:
                     await trio.sleep(self.batch_window)
                 self._wakeup = trio.Event()
-                pending, done = self._pending, self._batch_done
-                self._pending, self._batch_done = [], trio.Event()
-                fds = self._write(pending)
-                if self.fsync != "never":
+                fds, self._to_sync = self._to_sync, {}
+                if self._dirty:
+                    fds.setdefault(self._fd, False)
+                    self._dirty = False
+                done, self._batch_done = self._batch_done, trio.Event()
+                if self.fsync != "never" and fds:
                     start = trio.current_time()
-                    await trio.to_thread.run_sync(_fsync_all, fds)
+                    await trio.to_thread.run_sync(_fsync_all, list(fds))
                     self._last_fsync = trio.current_time() - start
                     self._fsyncs += 1
+                for fd, close in fds.items():
+                    if close:
+                        os.close(fd)
                 self._batches += 1
                 done.set()
         finally:
             self.close()
 
-    def _write(self, pending: list[tuple[int, bytearray]]) -> list[int]:
-        fds = []
-        for seg, buf in pending:
-            if seg != self._open_seg:
-                # Seal the previous segment before the next one begins.
-                if self.fsync != "never":
-                    os.fsync(self._fd)
-                self._open_current(seg)
-            _write_all(self._fd, buf)
-            if self._fd not in fds:
-                fds.append(self._fd)
-        return fds
-
-    def _open_current(self, seg: int | None = None) -> None:
-        if seg is None:
-            seg = self._current
-        if self._fd >= 0:
-            os.close(self._fd)
+    def _open_current(self) -> None:
+        seg = self._current
         path = self.path / segment_name(seg)
         created = not path.exists()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._open_seg = seg
         self._sizes.setdefault(seg, 0)
         if created and self.fsync != "never":
             dfd = os.open(self.path, os.O_RDONLY)
@@ -355,19 +353,20 @@ class Journal:
                 os.close(dfd)
 
     def close(self) -> None:
-        """Write and fsync whatever is pending, close every file. Safe to call twice."""
+        """Sync (per policy) and close every file; wakes all waiters. Safe to call twice."""
         if self._closed:
             return
-        if self._pending and self._fd >= 0:
-            pending, self._pending = self._pending, []
-            fds = self._write(pending)
-            if self.fsync != "never":
-                _fsync_all(fds)
-        self._batch_done.set()
         self._closed = True
+        fds = dict(self._to_sync)
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fds[self._fd] = True
+        if self.fsync != "never":
+            _fsync_all(list(fds))
+        for fd in fds:
+            os.close(fd)
+        self._fd = -1
+        self._to_sync = {}
+        self._batch_done.set()
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()
@@ -403,7 +402,7 @@ class Journal:
         """Delete the oldest sealed segments while none of them holds a live message."""
         dropped = []
         for seg in sorted(self._sizes):
-            if seg >= self._current or self.live.get(seg) or any(s == seg for s, _ in self._pending):
+            if seg >= self._current or self.live.get(seg):
                 break
             fd = self._readers.pop(seg, None)
             if fd is not None:
@@ -438,7 +437,6 @@ class Journal:
             segments=len(self._sizes),
             bytes=self.total_bytes,
             live_messages=sum(self.live.values()),
-            pending_bytes=sum(len(b) for _, b in self._pending),
             batches=self._batches,
             fsyncs=self._fsyncs,
             last_fsync_seconds=self._last_fsync,

@@ -27,6 +27,7 @@ import trio
 import trio.testing
 
 from .config import ConfigError, parse_duration, parse_hostport
+from .smtp.sockets import FastStream, open_listener
 from .smtp.serve import Answer, DropConnection, serve_session
 from .smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
 
@@ -173,9 +174,9 @@ class Sink:
         if self._log is not None:
             self._log.write(orjson.dumps(entry) + b"\n")
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: FastStream) -> None:
         try:
-            ip, port = stream.socket.getpeername()[:2]
+            ip, port = stream.getpeername()[:2]
             peer = f"{ip}:{port}"
         except OSError:
             peer = "?"
@@ -212,8 +213,8 @@ class Sink:
           task_status: started with the bound (host, port).
         """
         host, port = parse_hostport(address, "--listen")
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
-        self.address = listeners[0].socket.getsockname()[:2]
+        listener = open_listener(host, port)
+        self.address = listener.socket.getsockname()[:2]
         if self._log_path:
             self._log = open(self._log_path, "ab")
         try:
@@ -221,7 +222,7 @@ class Sink:
                 if self._log is not None:
                     nursery.start_soon(self._flush_log)
                 task_status.started(self.address)
-                await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+                await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
         finally:
             if self._log is not None:
                 self._log.close()

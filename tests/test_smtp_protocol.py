@@ -121,6 +121,8 @@ def test_size_without_limit_is_none():
     assert c.max_size is None
     c = ready_client(b"250-mx.test\r\n250 SIZE 0\r\n")
     assert c.max_size is None
+    c = ready_client("250-mx.test\r\n250 SIZE \u00b2\r\n".encode())
+    assert c.max_size is None
     assert not c.pipelining
 
 
@@ -170,7 +172,13 @@ def test_helo_fallback_against_server():
 
 def test_pipelined_transaction_with_partial_acceptance():
     c = ready_client()
-    cmds = [MailFrom("a@x.test", ("SIZE=123", "BODY=8BITMIME")), RcptTo("b@y.test"), RcptTo("c@y.test"), RcptTo("d@y.test"), Data()]
+    cmds = [
+        MailFrom("a@x.test", ("SIZE=123", "BODY=8BITMIME")),
+        RcptTo("b@y.test"),
+        RcptTo("c@y.test"),
+        RcptTo("d@y.test"),
+        Data(),
+    ]
     wire = c.send_many(cmds)
     assert wire == (
         b"MAIL FROM:<a@x.test> SIZE=123 BODY=8BITMIME\r\n"
@@ -519,7 +527,9 @@ def test_dot_stuffing_round_trip_through_server(body):
 # --- split feeds --------------------------------------------------------------------------
 
 SCRIPT_REPLIES = (
-    b"220-mx.test ESMTP\r\n220 ready\r\n" + EHLO_REPLY + b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 unknown\r\n354 go\r\n"
+    b"220-mx.test ESMTP\r\n220 ready\r\n"
+    + EHLO_REPLY
+    + b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 unknown\r\n354 go\r\n"
 )
 
 
@@ -575,7 +585,8 @@ def test_server_input_split_at_every_byte():
         return evs, s.data_to_send()
 
     whole = run([client_bytes])
-    assert [type(e).__name__ for e in whole[0]] == ["Hello", "MailFrom", "RcptTo", "MessageReceived", "MailFrom", "Quit"]
+    kinds = [type(e).__name__ for e in whole[0]]
+    assert kinds == ["Hello", "MailFrom", "RcptTo", "MessageReceived", "MailFrom", "Quit"]
     assert whole[0][3].body == body
     for i in range(len(client_bytes) + 1):
         assert run([client_bytes[:i], client_bytes[i:]]) == whole, i
@@ -592,7 +603,8 @@ def test_three_messages_over_one_session_with_rset_between():
     assert p.client.pipelining
     bodies = [b"Subject: %d\r\n\r\nbody %d\r\n.\r\n" % (i, i) for i in range(3)]
     for i, body in enumerate(bodies):
-        evs = p.send(MailFrom(f"s{i}@x.test", (f"SIZE={len(body)}",)), RcptTo(f"r{i}@y.test"), RcptTo("all@y.test"), Data())
+        mail = MailFrom(f"s{i}@x.test", (f"SIZE={len(body)}",))
+        evs = p.send(mail, RcptTo(f"r{i}@y.test"), RcptTo("all@y.test"), Data())
         assert [e.reply.code for e in evs] == [250, 250, 250, 354]
         [done] = p.send(Message(body))
         assert done.command == Message(body) and done.reply == Reply(250, "OK", "2.0.0")

@@ -8,13 +8,12 @@ clients hold their mail and retry (backpressure); nothing already acknowledged i
 from __future__ import annotations
 
 import logging
-from functools import partial
-
 import trio
 
 from ..config import parse_hostport
 from ..engine import Engine, SpoolFull
 from ..errors import UsageError
+from ..smtp.sockets import open_listener
 from ..smtp.serve import Answer, serve_session
 from ..smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
 
@@ -52,7 +51,7 @@ class Listener:
             return 554, "5.5.4", str(e)
         return 250, "2.0.0", f"Ok: queued as {msg_id}"
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         cfg = self.engine.config.listen
         proto = ServerProtocol(cfg.hostname, max_message_size=cfg.max_message_size,
                                max_recipients=cfg.max_recipients, max_line_length=cfg.max_line_length)
@@ -70,15 +69,15 @@ async def serve_smtp(engine: Engine, address: str, *, task_status=trio.TASK_STAT
       task_status: started with the bound (host, port).
     """
     host, port = parse_hostport(address, "listen.smtp")
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[:2]
+    listener = open_listener(host, port)
+    bound = listener.socket.getsockname()[:2]
     log.info("SMTP listener on %s:%d", *bound)
     handler = Listener(engine)
     limiter = trio.CapacityLimiter(engine.config.listen.max_connections)
 
-    async def limited(stream: trio.SocketStream) -> None:
+    async def limited(stream: trio.abc.Stream) -> None:
         async with limiter:
             await handler.handle(stream)
 
     task_status.started(bound)
-    await trio.serve_listeners(partial(limited), listeners)
+    await trio.serve_listeners(limited, [listener])

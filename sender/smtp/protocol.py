@@ -407,7 +407,9 @@ class ClientProtocol:
         try:
             parsed = _parse_reply(buf) if buf else None
         except RemoteProtocolError as e:
-            self._fail(str(e))
+            parsed = e
+        if type(parsed) is RemoteProtocolError:
+            self._fail(str(parsed))
         if parsed is None:
             if self._eof:
                 if buf:
@@ -448,7 +450,7 @@ class ClientProtocol:
     def max_size(self) -> int | None:
         """The SIZE limit (RFC 1870), or None when not announced or 0 (no fixed limit)."""
         size = self.extensions.get("SIZE")
-        if size and size.isdigit() and int(size) > 0:
+        if size and size.isascii() and size.isdigit() and int(size) > 0:
             return int(size)
         return None
 

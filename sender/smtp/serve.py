@@ -7,6 +7,7 @@ pile up while a pipelined chunk is processed go out in one write.
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import Protocol
 
@@ -45,37 +46,39 @@ async def serve_session(
     Never raises for network trouble; the stream is closed on return.
     """
     try:
-        await stream.send_all(proto.greeting())
-        while True:
-            ev = proto.next_event()
-            if ev is NEED_DATA:
-                out = proto.data_to_send()
-                if out:
-                    await stream.send_all(out)
-                if proto.closed:
+        # One scope for the whole session; its deadline moves on every read (idle timeout).
+        with trio.CancelScope() as idle:
+            await stream.send_all(proto.greeting())
+            while True:
+                ev = proto.next_event()
+                if ev is NEED_DATA:
+                    out = proto.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+                    if proto.closed:
+                        return
+                    idle.deadline = trio.current_time() + idle_timeout
+                    proto.receive_data(await stream.receive_some(_RECV))
+                    idle.deadline = math.inf
+                elif isinstance(ev, RcptTo):
+                    proto.reply(*await handler.on_rcpt(ev))
+                elif isinstance(ev, MailFrom):
+                    proto.reply(*await handler.on_mail(ev))
+                elif isinstance(ev, MessageReceived):
+                    proto.reply(*await handler.on_message(ev))
+                elif isinstance(ev, StartTlsRequested):
+                    await stream.send_all(proto.data_to_send())
+                    if tls_context is None:
+                        return
+                    stream = trio.SSLStream(stream, tls_context, server_side=True)
+                    await stream.do_handshake()
+                    proto.tls_started()
+                elif isinstance(ev, (Quit, Closed)):
+                    out = proto.data_to_send()
+                    if out:
+                        await stream.send_all(out)
                     return
-                with trio.fail_after(idle_timeout):
-                    data = await stream.receive_some(_RECV)
-                proto.receive_data(data)
-            elif isinstance(ev, RcptTo):
-                proto.reply(*await handler.on_rcpt(ev))
-            elif isinstance(ev, MailFrom):
-                proto.reply(*await handler.on_mail(ev))
-            elif isinstance(ev, MessageReceived):
-                proto.reply(*await handler.on_message(ev))
-            elif isinstance(ev, StartTlsRequested):
-                await stream.send_all(proto.data_to_send())
-                if tls_context is None:
-                    return
-                stream = trio.SSLStream(stream, tls_context, server_side=True)
-                await stream.do_handshake()
-                proto.tls_started()
-            elif isinstance(ev, (Quit, Closed)):
-                out = proto.data_to_send()
-                if out:
-                    await stream.send_all(out)
-                return
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError,
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
             ssl.SSLError, DropConnection, ProtocolError):
         return
     finally:

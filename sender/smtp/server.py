@@ -116,7 +116,7 @@ def _parse_path(arg: str, prefix: str) -> tuple[str, dict[str, str]] | None:
     if tail and tail[0] != " ":
         return None
     if address[:1] == "@":
-        route, colon, address = address.partition(":")
+        _, colon, address = address.partition(":")
         if not colon:
             return None
     params = {}

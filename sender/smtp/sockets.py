@@ -1,0 +1,172 @@
+"""Lean TCP streams and listeners on trio's low-level I/O, for the SMTP hot path.
+
+trio's ``SocketStream`` pays for generality on every call (conflict detection, context
+managers, a wrapper socket class). SMTP sessions do one small send and one small receive per
+command group, so that overhead was most of the CPU per message. These classes try the
+syscall first and only wait on the event loop when the kernel says it would block; they are
+full ``trio.abc`` streams, so ``trio.SSLStream`` can still wrap them for STARTTLS.
+
+Errors follow trio's contract: a broken connection raises ``trio.BrokenResourceError``, use
+after close raises ``trio.ClosedResourceError``; connect failures raise ``OSError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+
+import trio
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
+
+__all__ = ["FastStream", "FastListener", "connect_tcp", "open_listener"]
+
+_RECV = 65536
+
+
+class FastStream(trio.abc.HalfCloseableStream):
+    """A non-blocking TCP socket as a trio stream. One task sends, one task receives."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        self.socket = sock
+        self._closed = False
+
+    def getpeername(self):
+        return self.socket.getpeername()
+
+    async def send_all(self, data) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        sock = self.socket
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        try:
+            while sent < total:
+                try:
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:
+                    await wait_writable(sock)
+        except OSError as e:
+            if self._closed:
+                raise trio.ClosedResourceError("stream is closed") from None
+            raise trio.BrokenResourceError(f"send failed: {e}") from e
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await wait_writable(self.socket)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        sock = self.socket
+        n = max_bytes or _RECV
+        try:
+            # Request/response traffic: the answer is rarely there yet, so wait first
+            # instead of paying for a recv() that fails with EAGAIN.
+            while True:
+                await wait_readable(sock)
+                try:
+                    return sock.recv(n)
+                except BlockingIOError:
+                    continue
+        except OSError as e:
+            if self._closed:
+                raise trio.ClosedResourceError("stream is closed") from None
+            raise trio.BrokenResourceError(f"receive failed: {e}") from e
+
+    async def send_eof(self) -> None:
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        await checkpoint()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+        await checkpoint()
+
+
+async def connect_tcp(host: str, port: int, *, source: str = "") -> FastStream:
+    """Connect to ``host:port`` (a name is resolved in a thread), bound to ``source`` if given.
+
+    Tries each address of the host in turn. Raises OSError when none accepts.
+    """
+    infos = await trio.to_thread.run_sync(
+        socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0, 0, abandon_on_cancel=True)
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            if source:
+                sock.bind((source, 0))
+            err = sock.connect_ex(addr)
+            if err in (errno.EINPROGRESS, errno.EWOULDBLOCK):
+                await wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+            return FastStream(sock)
+        except BaseException as e:
+            sock.close()
+            if not isinstance(e, OSError):
+                raise
+            last = e
+    raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
+
+
+class FastListener(trio.abc.Listener[FastStream]):
+    """A listening TCP socket whose ``accept`` returns :class:`FastStream` objects."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._closed = False
+
+    async def accept(self) -> FastStream:
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("listener is closed")
+            try:
+                conn, _ = self.socket.accept()
+            except BlockingIOError:
+                await wait_readable(self.socket)
+                continue
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await trio.sleep(0.1)  # out of descriptors: back off instead of spinning
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            await checkpoint()
+            return FastStream(conn)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+        await checkpoint()
+
+
+def open_listener(host: str, port: int, *, backlog: int = 1024) -> FastListener:
+    """Bind and listen on ``host:port`` (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return FastListener(sock)
