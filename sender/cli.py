@@ -37,6 +37,16 @@ def _positive_int(flag: str):
     return parse
 
 
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard expects I/N, got {value!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {value}: index out of range")
+    return i, n
+
+
 def _address(flag: str):
     def parse(value: str) -> str:
         try:
@@ -56,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", required=True, help="TOML config file")
     run.add_argument("--repair", action="store_true", help="skip corrupt journal records instead of refusing to start")
     run.add_argument("--grace", type=float, default=30.0, help="seconds to let transactions finish on shutdown")
+    run.add_argument("--shard", type=_shard, help=argparse.SUPPRESS)  # set by the supervisor
 
     sink = sub.add_parser("sink", help="run a programmable SMTP sink")
     sink.add_argument("--listen", required=True, type=_address("--listen"), help="host:port")
@@ -87,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .daemon import run_daemon
+    from .daemon import run_daemon, run_supervisor, shard_config
     from .journal import JournalCorrupt
 
     config = load_config(args.config)
+    sharded = args.shard is not None
+    if sharded:
+        config = shard_config(config, *args.shard)
+    elif config.daemon.processes > 1:
+        return run_supervisor(args.config, config, repair=args.repair, grace=args.grace)
     try:
-        trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace))
+        trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace, reuse_port=sharded))
     except JournalCorrupt as e:
         print(f"sender run: {e}", file=sys.stderr)
         return 1
@@ -132,7 +148,11 @@ def _cmd_queue(args) -> int:
 
     if not os.path.isdir(args.spool):
         raise ConfigError(f"--spool: no such directory: {args.spool}")
-    live = Journal(args.spool).replay(read_only=True)
+    from .daemon import spool_dirs
+
+    live = {}
+    for d in spool_dirs(args.spool):
+        live.update(Journal(d).replay(read_only=True))
     now = time.time()
     by_state = {"active": 0, "deferred": 0}
     by_domain: dict[str, dict[str, int]] = {}

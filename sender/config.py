@@ -23,6 +23,7 @@ __all__ = [
     "TimeoutConfig",
     "Route",
     "DnsConfig",
+    "DaemonConfig",
     "load_config",
     "parse_config",
     "parse_size",
@@ -92,6 +93,7 @@ class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_recipients: int = 1000
     max_connections: int = 1000
     max_line_length: int = 1000
+    idle_timeout: float | str = "5m"       # close a client session idle this long
 
 
 class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -132,12 +134,19 @@ class DnsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout: float = 5.0
 
 
+class DaemonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Independent engine processes sharing the listener port (SO_REUSEPORT), each with its own
+    # journal under spool.path/shard-N and 1/N of each connection limit. 1 = one process.
+    processes: int = 1
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     listen: ListenConfig = msgspec.field(default_factory=ListenConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     route: list[Route] = msgspec.field(default_factory=list)
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
 
     def __post_init__(self) -> None:
         # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.
@@ -148,12 +157,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not 0.0 <= s.compact_live_ratio <= 1.0:
             raise ConfigError("spool.compact_live_ratio: must be between 0 and 1")
         self.listen.max_message_size = parse_size(self.listen.max_message_size, "listen.max_message_size")
+        self.listen.idle_timeout = parse_duration(self.listen.idle_timeout, "listen.idle_timeout")
         if self.listen.smtp:
             parse_hostport(self.listen.smtp, "listen.smtp")
         for name in ("idle_timeout", "retry_interval", "max_retry_interval", "max_age"):
             setattr(d, name, parse_duration(getattr(d, name), f"delivery.{name}"))
         for name in TimeoutConfig.__struct_fields__:
             setattr(t, name, parse_duration(getattr(t, name), f"delivery.timeouts.{name}"))
+        if not 1 <= self.daemon.processes <= 64:
+            raise ConfigError(f"daemon.processes: must be between 1 and 64, got {self.daemon.processes}")
+        if self.daemon.processes > 1 and self.listen.smtp and parse_hostport(self.listen.smtp, "listen.smtp")[1] == 0:
+            raise ConfigError("listen.smtp: port 0 cannot be shared by several processes; name a port")
         if d.connection_limit < 1:
             raise ConfigError("delivery.connection_limit: must be at least 1")
         if d.max_deliveries_per_connection < 1:

@@ -1,30 +1,46 @@
-"""The root nursery of ``sender run``: engine, SMTP listener, signal handling.
+"""The root nursery of ``sender run``: engine, SMTP listener, signal handling; and the
+supervisor that runs several such processes when ``daemon.processes`` > 1.
 
 On SIGTERM or SIGINT: stop accepting (close the listener), let transactions in flight finish
 within the grace period, flush the journal, return (the CLI then exits 0).
+
+Sharding: one Python process saturates one core long before the network does, so a daemon
+can run N independent engine processes. Each owns its journal (``spool/shard-I``) and 1/N of
+every connection limit, and all listen on the same port with SO_REUSEPORT, the kernel
+spreading client connections among them. Nothing is shared, so a shard's crash affects only
+its own in-flight messages. Children die with the supervisor (PR_SET_PDEATHSIG), so killing
+the supervisor is killing the daemon.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import msgspec
 import trio
 
-from .config import Config
+from .config import Config, ConfigError
 from .engine import Engine
 from .inject.smtpd import serve_smtp
 
-__all__ = ["run_daemon"]
+__all__ = ["run_daemon", "run_supervisor", "shard_config", "spool_dirs"]
 
 log = logging.getLogger("sender.daemon")
 
 
-async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.0,
+async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.0, reuse_port: bool = False,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run until SIGTERM/SIGINT (or cancellation).
 
     Args:
+      reuse_port: share the listener port with sibling shard processes.
       task_status: started with the engine once the listener is bound.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -35,7 +51,8 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
 
             async def listener(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 with listener_scope:
-                    await serve_smtp(engine, config.listen.smtp, task_status=task_status)
+                    await serve_smtp(engine, config.listen.smtp, reuse_port=reuse_port,
+                                     task_status=task_status)
 
             if config.listen.smtp:
                 host, port = await nursery.start(listener)
@@ -50,3 +67,84 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
     st = engine.statistics()
     print(f"sender: stopped; accepted {st.accepted}, delivered {st.delivered}, deferred {st.deferred}, "
           f"bounced {st.bounced}, expired {st.expired}, still queued {st.live_messages}", flush=True)
+
+
+def shard_config(config: Config, index: int, count: int) -> Config:
+    """The config of shard ``index`` of ``count``: its own spool, its share of the limits."""
+    spool = msgspec.structs.replace(config.spool, path=str(Path(config.spool.path) / f"shard-{index}"),
+                                    max_bytes=max(1, config.spool.max_bytes // count))
+    delivery = msgspec.structs.replace(config.delivery,
+                                       connection_limit=max(1, math.ceil(config.delivery.connection_limit / count)))
+    return msgspec.structs.replace(config, spool=spool, delivery=delivery)
+
+
+def spool_dirs(path: str | os.PathLike) -> list[Path]:
+    """Journal directories of a spool: its shard directories, or the spool itself."""
+    shards = sorted(Path(path).glob("shard-*"), key=lambda p: int(p.name.split("-")[1]))
+    return shards or [Path(path)]
+
+
+def _check_shards(config: Config) -> None:
+    n = config.daemon.processes
+    for d in spool_dirs(config.spool.path):
+        index = int(d.name.split("-")[1]) if d.name.startswith("shard-") else None
+        if index is None and any(d.glob("*.seg")) and n > 1:
+            raise ConfigError(f"daemon.processes: the spool {d} was written by a single process; "
+                              f"run it with processes = 1 until it is empty")
+        if index is not None and index >= n and any(d.glob("*.seg")):
+            raise ConfigError(f"daemon.processes: {d} holds a journal from a daemon with more processes; "
+                              f"run with processes >= {index + 1} until it is empty")
+
+
+def _die_with_parent() -> None:
+    """In a child: receive SIGKILL when the supervisor dies, whatever killed it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: float) -> int:
+    """Start ``daemon.processes`` shard processes, relay SIGTERM/SIGINT, wait for all.
+
+    Returns 0 when every shard stopped cleanly, else the first non-zero exit status.
+    """
+    _check_shards(config)
+    n = config.daemon.processes
+    cmd = [sys.executable, "-m", "sender", "run", "--config", config_path, "--grace", str(grace)]
+    if repair:
+        cmd.append("--repair")
+    children: list[subprocess.Popen] = []
+    stopping = False
+
+    def relay(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    old = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for i in range(n):
+            children.append(subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], preexec_fn=_die_with_parent))
+        status = 0
+        remaining = list(children)
+        while remaining:
+            pid, code = os.wait()
+            for c in remaining:
+                if c.pid == pid:
+                    remaining.remove(c)
+                    c.returncode = os.waitstatus_to_exitcode(code)
+                    if c.returncode != 0 and not status:
+                        status = c.returncode if c.returncode > 0 else 1
+                        if not stopping:
+                            log.error("shard process %d exited with %s: stopping the others", pid, c.returncode)
+                            relay(signal.SIGTERM, None)
+        return status
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for c in children:
+            if c.poll() is None:
+                c.kill()

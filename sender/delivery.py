@@ -31,7 +31,7 @@ from .dns import make_resolver, resolve_mx
 from .errors import ConnectError, DNSError, SessionError
 from .model import Delivery, Reply
 from .scheduler import TimerHeap
-from .smtp.client import OpenStream, SMTPSession, Timeouts, open_session, opportunistic_tls_context
+from .smtp.client import OpenStream, SMTPSession, Timeouts, TransactionResult, open_session, opportunistic_tls_context
 
 __all__ = ["Dispatcher", "Outcomes", "SitePool", "PoolStatistics", "backoff", "match_route"]
 
@@ -201,17 +201,32 @@ class SitePool:
             self.sessions_up += 1
             self.sessions_opened += 1
             sent = 0
-            while True:
-                try:
-                    await self._deliver(session, d)
-                except SessionError as e:
-                    self._fail(d, _local_reply(_LOCAL_TEMP, "4.4.2", str(e)))
-                    d = None
-                    return
-                d = None
+            limit = cfg.max_deliveries_per_connection
+
+            def take_next() -> Delivery | None:
+                nonlocal sent
+                if sent + 1 >= limit or not self.queue or self.d.stopping:
+                    return None
                 sent += 1
-                self.transactions += 1
-                if sent >= cfg.max_deliveries_per_connection:
+                return self.queue.popleft()
+
+            while True:
+                first, d = d, None
+                try:
+                    if session.proto.pipelining:
+                        await session.pipeline(first, take_next, self.d.outcomes.body, self._report)
+                    else:
+                        self._report(first, await session.transaction(first.sender, first.rcpts,
+                                                                       self.d.outcomes.body(first)))
+                except SessionError as e:
+                    reply = _local_reply(_LOCAL_TEMP, "4.4.2", str(e))
+                    for lost in getattr(e, "unfinished", [first]):
+                        self._fail(lost, reply)
+                    return
+                finally:
+                    await self.d.outcomes.settle()
+                sent += 1
+                if sent >= limit:
                     break
                 d = await self._next(cfg.idle_timeout)
                 if d is None:
@@ -232,14 +247,11 @@ class SitePool:
         else:
             self.d.retry(out.deferred(d, d.rcpts, reply))
 
-    async def _deliver(self, session: SMTPSession, d: Delivery) -> None:
+    def _report(self, d: Delivery, res: TransactionResult) -> None:
+        """Turn one transaction's replies into an outcome per recipient."""
         out = self.d.outcomes
-        body = out.body(d)
-        res = await session.transaction(d.sender, d.rcpts, body)
-        if res.mail.code // 100 != 2:
-            per_rcpt = [res.mail] * len(d.rcpts)
-        else:
-            per_rcpt = res.rcpts
+        self.transactions += 1
+        per_rcpt = res.rcpts if res.mail.code // 100 == 2 else [res.mail] * len(d.rcpts)
         accepted: list[str] = []
         soft: list[tuple[str, Reply]] = []
         hard: list[tuple[str, Reply]] = []
@@ -267,7 +279,6 @@ class SitePool:
                     report(d, rcpts, reply)
                 else:
                     self.d.retry(out.deferred(d, rcpts, reply))
-        await out.settle()
 
 
 class Dispatcher:

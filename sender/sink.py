@@ -28,7 +28,7 @@ import trio.testing
 
 from .config import ConfigError, parse_duration, parse_hostport
 from .smtp.sockets import FastStream, open_listener
-from .smtp.serve import Answer, DropConnection, serve_session
+from .smtp.serve import Answer, DropConnection, IdleWatchdog, serve_session
 from .smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
 
 __all__ = ["Sink", "SinkRule", "SinkStatistics", "load_rules", "parse_reply"]
@@ -138,6 +138,7 @@ class Sink:
         self._log = None
         self.address: tuple[str, int] | None = None
         self._memory_nursery: trio.Nursery | None = None
+        self._watchdog = IdleWatchdog(300.0)
 
     def rule_for(self, rcpt: str) -> _Rule | None:
         rcpt = rcpt.lower()
@@ -185,13 +186,14 @@ class Sink:
     async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
         self.stats.connections += 1
         proto = ServerProtocol(self.hostname, max_message_size=self.max_message_size)
-        await serve_session(stream, proto, _Session(self, peer))
+        await serve_session(stream, proto, _Session(self, peer), watchdog=self._watchdog)
 
     async def run_in_memory(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve in-memory connections made with :meth:`open_stream` until cancelled
         (tests on virtual time, where real sockets would let the clock jump)."""
         async with trio.open_nursery() as nursery:
             self._memory_nursery = nursery
+            nursery.start_soon(self._watchdog.run)
             task_status.started(self)
             await trio.sleep_forever()
 
@@ -219,6 +221,7 @@ class Sink:
             self._log = open(self._log_path, "ab")
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watchdog.run)
                 if self._log is not None:
                     nursery.start_soon(self._flush_log)
                 task_status.started(self.address)

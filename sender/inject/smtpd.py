@@ -14,7 +14,7 @@ from ..config import parse_hostport
 from ..engine import Engine, SpoolFull
 from ..errors import UsageError
 from ..smtp.sockets import open_listener
-from ..smtp.serve import Answer, serve_session
+from ..smtp.serve import Answer, IdleWatchdog, serve_session
 from ..smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
 
 __all__ = ["Listener", "serve_smtp"]
@@ -27,8 +27,9 @@ _SPOOL_FULL: Answer = (452, "4.3.1", "Insufficient system storage: queue is full
 class Listener:
     """Session handler bound to an engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, watchdog: IdleWatchdog) -> None:
         self.engine = engine
+        self.watchdog = watchdog
         self.sessions = 0
 
     async def on_mail(self, ev: MailFrom) -> Answer:
@@ -57,27 +58,32 @@ class Listener:
                                max_recipients=cfg.max_recipients, max_line_length=cfg.max_line_length)
         self.sessions += 1
         try:
-            await serve_session(stream, proto, self)
+            await serve_session(stream, proto, self, watchdog=self.watchdog)
         finally:
             self.sessions -= 1
 
 
-async def serve_smtp(engine: Engine, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_smtp(engine: Engine, address: str, *, reuse_port: bool = False,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on ``address`` ("host:port"; port 0 picks one) until cancelled.
 
     Args:
+      reuse_port: share the port with sibling processes (sharded daemon).
       task_status: started with the bound (host, port).
     """
     host, port = parse_hostport(address, "listen.smtp")
-    listener = open_listener(host, port)
+    listener = open_listener(host, port, reuse_port=reuse_port)
     bound = listener.socket.getsockname()[:2]
     log.info("SMTP listener on %s:%d", *bound)
-    handler = Listener(engine)
+    watchdog = IdleWatchdog(engine.config.listen.idle_timeout)
+    handler = Listener(engine, watchdog)
     limiter = trio.CapacityLimiter(engine.config.listen.max_connections)
 
     async def limited(stream: trio.abc.Stream) -> None:
         async with limiter:
             await handler.handle(stream)
 
-    task_status.started(bound)
-    await trio.serve_listeners(limited, [listener])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog.run)
+        task_status.started(bound)
+        await trio.serve_listeners(limited, [listener], handler_nursery=nursery)

@@ -17,7 +17,7 @@ from ..errors import ProtocolError
 from .protocol import NEED_DATA
 from .server import Closed, MailFrom, MessageReceived, Quit, RcptTo, ServerProtocol, StartTlsRequested
 
-__all__ = ["DropConnection", "SessionHandler", "serve_session", "Answer"]
+__all__ = ["Answer", "DropConnection", "IdleWatchdog", "SessionHandler", "serve_session"]
 
 Answer = tuple[int, str, str]  # (code, enhanced, text)
 _RECV = 65536
@@ -25,6 +25,43 @@ _RECV = 65536
 
 class DropConnection(Exception):
     """Raised by a handler to close the connection without a reply (sink rule "drop")."""
+
+
+class _Watched:
+    __slots__ = ("scope", "seen")
+
+    def __init__(self, scope: trio.CancelScope, seen: int) -> None:
+        self.scope = scope
+        self.seen = seen
+
+
+class IdleWatchdog:
+    """Cancels sessions that saw no input for ``timeout`` seconds.
+
+    A ticker, instead of a trio deadline moved on every read: the hot loop only stores an
+    int, and one task checks all sessions once a second (timeouts are minutes, not ms).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout_ticks = max(1, math.ceil(timeout))
+        self.tick = 0
+        self._sessions: set[_Watched] = set()
+
+    def watch(self, scope: trio.CancelScope) -> _Watched:
+        w = _Watched(scope, self.tick)
+        self._sessions.add(w)
+        return w
+
+    def forget(self, w: _Watched) -> None:
+        self._sessions.discard(w)
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(1)
+            self.tick += 1
+            for w in self._sessions:
+                if self.tick - w.seen > self.timeout_ticks:
+                    w.scope.cancel()
 
 
 class SessionHandler(Protocol):
@@ -38,16 +75,20 @@ async def serve_session(
     proto: ServerProtocol,
     handler: SessionHandler,
     *,
-    idle_timeout: float = 300.0,
+    watchdog: IdleWatchdog,
     tls_context: ssl.SSLContext | None = None,
 ) -> None:
     """Run one session until QUIT, EOF, a drop, an idle timeout or a broken connection.
 
+    Args:
+      watchdog: closes the session once it has been idle too long.
+
     Never raises for network trouble; the stream is closed on return.
     """
+    watched = None
     try:
-        # One scope for the whole session; its deadline moves on every read (idle timeout).
-        with trio.CancelScope() as idle:
+        with trio.CancelScope() as scope:
+            watched = watchdog.watch(scope)
             await stream.send_all(proto.greeting())
             while True:
                 ev = proto.next_event()
@@ -57,9 +98,8 @@ async def serve_session(
                         await stream.send_all(out)
                     if proto.closed:
                         return
-                    idle.deadline = trio.current_time() + idle_timeout
+                    watched.seen = watchdog.tick
                     proto.receive_data(await stream.receive_some(_RECV))
-                    idle.deadline = math.inf
                 elif isinstance(ev, RcptTo):
                     proto.reply(*await handler.on_rcpt(ev))
                 elif isinstance(ev, MailFrom):
@@ -82,6 +122,8 @@ async def serve_session(
             ssl.SSLError, DropConnection, ProtocolError):
         return
     finally:
+        if watched is not None:
+            watchdog.forget(watched)
         with trio.CancelScope(shield=True):
             try:
                 await stream.aclose()

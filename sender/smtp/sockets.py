@@ -158,12 +158,18 @@ class FastListener(trio.abc.Listener[FastStream]):
         await checkpoint()
 
 
-def open_listener(host: str, port: int, *, backlog: int = 1024) -> FastListener:
-    """Bind and listen on ``host:port`` (port 0 picks a free one)."""
+def open_listener(host: str, port: int, *, backlog: int = 1024, reuse_port: bool = False) -> FastListener:
+    """Bind and listen on ``host:port`` (port 0 picks a free one).
+
+    ``reuse_port`` lets several processes listen on the same port, the kernel spreading
+    connections among them (SO_REUSEPORT).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except BaseException:
