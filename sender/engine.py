@@ -93,6 +93,10 @@ class Engine:
         """Wall-clock seconds, advancing with trio's clock (so MockClock warps it too)."""
         return self._epoch + trio.current_time()
 
+    def new_id(self) -> str:
+        """A fresh message id (sortable by time, unique across restarts)."""
+        return self._new_id()
+
     def _new_id(self) -> str:
         # Microseconds since the epoch, kept strictly increasing; unique across restarts
         # because replay seeds _last_id from the newest id on disk.
@@ -148,8 +152,12 @@ class Engine:
     def spool_full(self) -> bool:
         return self.journal.total_bytes >= self.config.spool.max_bytes
 
-    async def submit(self, sender: str, rcpts: list[str], body: bytes, *, customer: str = "") -> str:
+    async def submit(self, sender: str, rcpts: list[str], body: bytes, *, customer: str = "",
+                     msg_id: str | None = None) -> str:
         """Make a message durable and queue it; returns its id once it is safe on disk.
+
+        Args:
+          msg_id: an id from :meth:`new_id` when the caller needed it earlier (trace headers).
 
         Raises:
           UsageError: no recipients, or an address without a domain.
@@ -163,7 +171,7 @@ class Engine:
                 raise UsageError(f"rcpts: invalid recipient address {r!r}")
         if self.spool_full:
             raise SpoolFull(f"spool is over its limit of {self.config.spool.max_bytes} bytes")
-        msg_id = self._new_id()
+        msg_id = msg_id or self._new_id()
         now = self.now()
         rec = Accepted(id=msg_id, sender=sender, rcpts=list(rcpts), received_at=now, body=body,
                        customer=customer)

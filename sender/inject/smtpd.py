@@ -7,7 +7,9 @@ clients hold their mail and retry (backpressure); nothing already acknowledged i
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import time
 import trio
 
 from ..config import parse_hostport
@@ -24,13 +26,50 @@ log = logging.getLogger("sender.smtpd")
 _SPOOL_FULL: Answer = (452, "4.3.1", "Insufficient system storage: queue is full, try again later")
 
 
+class _Clock:
+    """RFC 5322 date of the current second, formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def now(self) -> str:
+        t = int(time.time())
+        if t != self._second:
+            self._second, self._text = t, email.utils.formatdate(t, localtime=True)
+        return self._text
+
+
 class Listener:
-    """Session handler bound to an engine."""
+    """Shared state of the injection listener; one :class:`_Session` per connection."""
 
     def __init__(self, engine: Engine, watchdog: IdleWatchdog) -> None:
         self.engine = engine
         self.watchdog = watchdog
         self.sessions = 0
+        self.clock = _Clock()
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        cfg = self.engine.config.listen
+        proto = ServerProtocol(cfg.hostname, max_message_size=cfg.max_message_size,
+                               max_recipients=cfg.max_recipients, max_line_length=cfg.max_line_length)
+        try:
+            peer = stream.getpeername()[0]
+        except (AttributeError, OSError):
+            peer = "unknown"
+        self.sessions += 1
+        try:
+            await serve_session(stream, proto, _Session(self, proto, peer), watchdog=self.watchdog)
+        finally:
+            self.sessions -= 1
+
+
+class _Session:
+    def __init__(self, listener: Listener, proto: ServerProtocol, peer: str) -> None:
+        self.listener = listener
+        self.engine = listener.engine
+        self.proto = proto
+        self.peer = peer
 
     async def on_mail(self, ev: MailFrom) -> Answer:
         if self.engine.spool_full:
@@ -43,24 +82,25 @@ class Listener:
             return 501, "5.1.3", f"Bad recipient address syntax: {ev.address}"
         return 250, "2.1.5", "Ok"
 
+    def _received(self, msg_id: str, rcpts: list[str]) -> bytes:
+        """The Received: trace line that RFC 5321 section 4.4 asks of a relay."""
+        p = self.proto
+        proto_name = ("ESMTPS" if p.tls else "ESMTP") if p.extended else "SMTP"
+        for_clause = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+        line = (f"Received: from {p.helo or 'unknown'} ([{self.peer}])\r\n\tby {p.hostname} (sender) "
+                f"with {proto_name} id {msg_id}{for_clause};\r\n\t{self.listener.clock.now()}\r\n")
+        return line.encode("utf-8", "surrogateescape")
+
     async def on_message(self, ev: MessageReceived) -> Answer:
+        msg_id = self.engine.new_id()
+        rcpts = list(ev.rcpts)
         try:
-            msg_id = await self.engine.submit(ev.sender, list(ev.rcpts), ev.body)
+            await self.engine.submit(ev.sender, rcpts, self._received(msg_id, rcpts) + ev.body, msg_id=msg_id)
         except SpoolFull:
             return _SPOOL_FULL
         except UsageError as e:
             return 554, "5.5.4", str(e)
         return 250, "2.0.0", f"Ok: queued as {msg_id}"
-
-    async def handle(self, stream: trio.abc.Stream) -> None:
-        cfg = self.engine.config.listen
-        proto = ServerProtocol(cfg.hostname, max_message_size=cfg.max_message_size,
-                               max_recipients=cfg.max_recipients, max_line_length=cfg.max_line_length)
-        self.sessions += 1
-        try:
-            await serve_session(stream, proto, self, watchdog=self.watchdog)
-        finally:
-            self.sessions -= 1
 
 
 async def serve_smtp(engine: Engine, address: str, *, reuse_port: bool = False,

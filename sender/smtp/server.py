@@ -205,6 +205,15 @@ class ServerProtocol:
 
     # -- the caller's side
 
+    @property
+    def helo(self) -> str | None:
+        """The name the client gave in its last HELO/EHLO (for the Received: trace line)."""
+        return self._hello
+
+    @property
+    def extended(self) -> bool:
+        return self._extended
+
     def greeting(self) -> bytes:
         return f"220 {self.hostname} ESMTP ready\r\n".encode()
 

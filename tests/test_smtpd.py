@@ -1,0 +1,286 @@
+"""The SMTP injection listener over real loopback sockets.
+
+An Engine delivers to an in-process Sink; the tests talk raw bytes to ``serve_smtp``.
+Real sockets do not mix with the autojump clock, so these run on the real clock, each wait
+bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from sender.config import parse_config
+from sender.engine import Engine
+from sender.inject.smtpd import serve_smtp
+from sender.journal import Journal
+from sender.model import Accepted
+from sender.sink import Sink, load_rules
+
+from helpers import RawSMTP, has_enhanced_code, journal_records
+
+BOUND = 5.0  # seconds; every wait on the network is bounded by this
+QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as ([0-9A-F]+)$")
+
+
+class BodySink(Sink):
+    """A sink that also keeps each accepted message's envelope and body."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    def record(self, ev, peer: str) -> None:
+        self.received.append((ev.sender, list(ev.rcpts), ev.body))
+        super().record(ev, peer)
+
+
+class Env:
+    def __init__(self, engine: Engine, sink: BodySink, addr: tuple[str, int], spool) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.addr = addr
+        self.spool = spool
+
+    async def client(self) -> RawSMTP:
+        c = await RawSMTP.connect(*self.addr)
+        await c.hello()
+        return c
+
+    async def wait_received(self, n: int) -> None:
+        with trio.fail_after(BOUND):
+            while len(self.sink.received) < n:
+                await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def running(tmp_path, *, spool=None, listen=None, rules: str = ""):
+    """Sink + Engine + listener on 127.0.0.1 free ports; all cancelled on exit."""
+    sink = BodySink(load_rules(rules))
+    async with trio.open_nursery() as nursery:
+        sink_host, sink_port = await nursery.start(sink.run, "127.0.0.1:0")
+        config = parse_config({
+            "spool": {"path": str(tmp_path / "spool"), "fsync": "batch", **(spool or {})},
+            "listen": {"smtp": "", **(listen or {})},
+            "delivery": {"starttls": "never", "retry_interval": 60},
+            "route": [{"match": "*", "relay": f"{sink_host}:{sink_port}"}],
+        })
+        engine = await nursery.start(Engine(config).run)
+        addr = await nursery.start(serve_smtp, engine, "127.0.0.1:0")
+        try:
+            yield Env(engine, sink, addr, tmp_path / "spool")
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def send_message(c: RawSMTP, sender: str, rcpts: list[str], wire_body: bytes) -> str:
+    """One transaction, lock-step; ``wire_body`` is sent as is (already dot-stuffed, without
+    the terminator). Returns the final reply."""
+    assert (await c.cmd(f"MAIL FROM:<{sender}>")).startswith("250 ")
+    for r in rcpts:
+        assert (await c.cmd(f"RCPT TO:<{r}>")).startswith("250 ")
+    assert (await c.cmd("DATA")).startswith("354 ")
+    await c.send(wire_body + b".\r\n")
+    return await c.reply()
+
+
+# Dot-stuffed on the wire; the second and third lines must arrive as "." and ".leading".
+WIRE = b"Subject: hi\r\nMessage-ID: <m1@client.test>\r\n\r\nfirst\r\n..\r\n..leading dot\r\nlast\r\n"
+BODY = b"Subject: hi\r\nMessage-ID: <m1@client.test>\r\n\r\nfirst\r\n.\r\n.leading dot\r\nlast\r\n"
+
+
+async def test_message_is_queued_then_delivered_with_body_intact(tmp_path):
+    async with running(tmp_path) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            reply = await send_message(c, "app@x.test", ["user@y.test"], WIRE)
+            m = QUEUED.match(reply)
+            assert m, reply
+            await env.wait_received(1)
+            assert env.sink.received == [("app@x.test", ["user@y.test"], BODY)]
+            assert (await c.cmd("QUIT")).startswith("221 ")
+            await c.aclose()
+        assert env.engine.counts["accepted"] == 1
+
+
+async def test_message_is_in_the_journal_when_the_250_arrives(tmp_path):
+    # Delivery is held back (the sink waits 0.5 s at RCPT), so the message is still live in the
+    # journal right after the 250, and replay must find it with its unstuffed body.
+    async with running(tmp_path, rules='[[rule]]\nmatch = "*"\naction = "delay"\ndelay = 0.5') as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            reply = await send_message(c, "app@x.test", ["user@y.test"], WIRE)
+            msg_id = QUEUED.match(reply).group(1)
+            # Straight from the bytes on disk, before yielding to anything else.
+            written = [r for r in journal_records(env.spool) if isinstance(r, Accepted)]
+            live = Journal(env.spool).replay(read_only=True)
+            assert [(r.id, r.sender, r.rcpts, r.body) for r in written] == [
+                (msg_id, "app@x.test", ["user@y.test"], BODY)]
+            assert msg_id in live and live[msg_id].rcpts == ["user@y.test"]
+            await env.wait_received(1)
+            await c.aclose()
+
+
+@pytest.mark.parametrize("bare", [b"\n", b"\r"], ids=["LF", "CR"])
+async def test_smuggled_message_is_refused_whole(tmp_path, bare):
+    """SMTP smuggling (2023): a bare-LF (or bare-CR) "." line must not end the data, so the
+    commands after it stay inside one message, and that message is refused outright."""
+    smuggle = (b"Subject: innocent\r\n\r\nhello" + bare + b"." + bare
+               + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\n"
+               + b"From: ceo@x.test\r\nSubject: smuggled\r\n\r\npay now\r\n")
+    async with running(tmp_path) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            before = env.engine.counts["accepted"]
+            reply = await send_message(c, "app@x.test", ["user@y.test"], smuggle)
+            assert reply.startswith("550 5.5.2 "), reply
+            assert env.engine.counts["accepted"] == before
+            # Nothing more is pending on the wire: the next command gets its own reply.
+            assert (await c.cmd("NOOP")).startswith("250 ")
+            # The session still works for a clean transaction.
+            reply = await send_message(c, "app@x.test", ["user@y.test"], b"Subject: clean\r\n\r\nok\r\n")
+            assert QUEUED.match(reply), reply
+            await env.wait_received(1)
+            await trio.sleep(0.2)  # anything smuggled would have been delivered by now too
+            await c.aclose()
+        assert env.engine.counts["accepted"] == before + 1
+        assert env.sink.received == [("app@x.test", ["user@y.test"], b"Subject: clean\r\n\r\nok\r\n")]
+        assert [r.sender for r in journal_records(env.spool) if isinstance(r, Accepted)] == ["app@x.test"]
+
+
+async def test_full_spool_answers_452_and_keeps_what_it_accepted(tmp_path):
+    body = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
+    body = body * 20  # ~1.5 KiB: one message takes the spool past its 1 KiB limit
+    async with running(tmp_path, spool={"max_bytes": "1KiB"}) as env:
+        with trio.fail_after(BOUND):
+            a, b = await env.client(), await env.client()
+            # b opens its transaction while there is room, and ends it after the spool filled.
+            assert (await b.cmd("MAIL FROM:<b@x.test>")).startswith("250 ")
+            assert (await b.cmd("RCPT TO:<u@y.test>")).startswith("250 ")
+            assert (await b.cmd("DATA")).startswith("354 ")
+            first = await send_message(a, "a@x.test", ["u@y.test"], body)
+            first_id = QUEUED.match(first).group(1)
+            assert env.engine.spool_full
+            # New transactions are refused at MAIL, with a transient code (clients retry).
+            refused = await a.cmd("MAIL FROM:<a@x.test>")
+            assert refused.startswith("452 4.3.1 "), refused
+            # The transaction already open is refused at end of data.
+            await b.send(body + b".\r\n")
+            late = await b.reply()
+            assert late.startswith("452 4.3.1 "), late
+            assert env.engine.counts["accepted"] == 1
+            # What was acknowledged is not lost: it is delivered.
+            await env.wait_received(1)
+            assert env.sink.received == [("a@x.test", ["u@y.test"], body)]
+            assert [r.id for r in journal_records(env.spool) if isinstance(r, Accepted)] == [first_id]
+            # The refusal left both sessions usable.
+            assert (await a.cmd("RSET")).startswith("250 ")
+            assert (await b.cmd("NOOP")).startswith("250 ")
+            await a.aclose()
+            await b.aclose()
+
+
+async def test_oversized_message_gets_552(tmp_path):
+    async with running(tmp_path, listen={"max_message_size": "1KiB"}) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            assert "SIZE 1024" in await c.cmd("EHLO again.test")
+            # Declared too big: refused at MAIL.
+            early = await c.cmd("MAIL FROM:<a@x.test> SIZE=5000")
+            assert early.startswith("552 5.3.4 "), early
+            # Undeclared, and too big: the data is read to its end, then refused.
+            big = b"Subject: big\r\n\r\n" + (b"y" * 98 + b"\r\n") * 20
+            reply = await send_message(c, "a@x.test", ["u@y.test"], big)
+            assert reply.startswith("552 5.3.4 "), reply
+            # The limit is the only problem: a small message on the same session goes through.
+            reply = await send_message(c, "a@x.test", ["u@y.test"], b"Subject: small\r\n\r\nok\r\n")
+            assert QUEUED.match(reply), reply
+            await env.wait_received(1)
+            await c.aclose()
+        assert env.engine.counts["accepted"] == 1
+
+
+async def test_recipients_over_the_limit_get_452_and_the_rest_is_delivered(tmp_path):
+    async with running(tmp_path, listen={"max_recipients": 2}) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            assert (await c.cmd("MAIL FROM:<a@x.test>")).startswith("250 ")
+            replies = [await c.cmd(f"RCPT TO:<u{i}@y.test>") for i in range(4)]
+            assert [r[:9] for r in replies] == ["250 2.1.5", "250 2.1.5", "452 4.5.3", "452 4.5.3"], replies
+            assert (await c.cmd("DATA")).startswith("354 ")
+            await c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
+            assert QUEUED.match(await c.reply())
+            await env.wait_received(1)
+            await c.aclose()
+        assert env.sink.received[0][1] == ["u0@y.test", "u1@y.test"]
+
+
+@pytest.mark.parametrize("rcpt", ["nodomain", "user@", "user@y.test@", "user@localhost", "a b@y.test"])
+async def test_bad_recipient_syntax_gets_501_5_1_3(tmp_path, rcpt):
+    async with running(tmp_path) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            assert (await c.cmd("MAIL FROM:<a@x.test>")).startswith("250 ")
+            reply = await c.cmd(f"RCPT TO:<{rcpt}>")
+            assert reply.startswith("501 5.1.3 "), reply
+            # No recipient was taken.
+            no_rcpt = await c.cmd("DATA")
+            assert no_rcpt[:1] in "45" and not no_rcpt.startswith("354"), no_rcpt
+            await c.aclose()
+        assert env.engine.counts["accepted"] == 0
+
+
+async def test_every_negative_reply_carries_an_enhanced_code(tmp_path):
+    async with running(tmp_path, spool={"max_bytes": "1KiB"}, listen={"max_recipients": 1}) as env:
+        with trio.fail_after(BOUND):
+            c = await RawSMTP.connect(*env.addr)
+            assert (await c.reply()).startswith("220 ")
+            negative = []
+
+            async def cmd(line: str) -> str:
+                reply = await c.cmd(line)
+                if reply[0] in "45":
+                    negative.append((line, reply))
+                return reply
+
+            await cmd("MAIL FROM:<a@x.test>")          # before EHLO
+            await cmd("EHLO")                          # missing argument
+            await cmd("FROB")                          # unknown command
+            await cmd("AUTH PLAIN x")                  # not implemented
+            await cmd("x" * 600)                       # over-long command line
+            await cmd("EHLO client.test")
+            await cmd("RCPT TO:<u@y.test>")            # before MAIL
+            await cmd("DATA")                          # before MAIL
+            await cmd("MAIL FROM:a@x.test")            # no angle brackets
+            await cmd("MAIL FROM:<bad sender>")
+            await cmd("MAIL FROM:<a@x.test> FOO=1")    # unknown parameter
+            await cmd("MAIL FROM:<a@x.test>")
+            await cmd("MAIL FROM:<a@x.test>")          # nested
+            await cmd("RCPT TO:<>")                    # null recipient
+            await cmd("RCPT TO:<u@y.test> NOTIFY=NEVER")
+            await cmd("RCPT TO:<u@y.test>")
+            await cmd("RCPT TO:<v@y.test>")            # over max_recipients
+            await cmd("DATA x")
+            assert (await cmd("DATA")).startswith("354")
+            await c.send(b"Subject: t\r\n\r\nbare\nLF\r\n.\r\n")
+            reply = await c.reply()
+            negative.append(("<bare LF data>", reply))
+            await cmd("RSET x")
+            await cmd("VRFY")
+            await cmd("STARTTLS")                      # not offered
+            # Fill the spool, then MAIL is refused.
+            await cmd("MAIL FROM:<a@x.test>")
+            await cmd("RCPT TO:<u@y.test>")
+            await cmd("DATA")
+            await c.send(b"Subject: t\r\n\r\n" + (b"z" * 98 + b"\r\n") * 12 + b".\r\n")
+            assert QUEUED.match(await c.reply())
+            await cmd("MAIL FROM:<a@x.test>")          # 452 4.3.1
+            await c.aclose()
+        assert len(negative) >= 20, negative
+        missing = [(line, reply) for line, reply in negative if not has_enhanced_code(reply)]
+        assert missing == []
+        codes = {reply[:3] for _, reply in negative}
+        assert {"500", "501", "502", "503", "550", "555", "452"} <= codes
