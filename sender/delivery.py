@@ -396,6 +396,10 @@ class Dispatcher:
         return (sum(len(p.queue) for p in self.pools.values()) + len(self._timers)
                 + sum(len(w) for w in self._resolving.values()))
 
+    def waiting_retry(self) -> int:
+        """Deliveries deferred and waiting for their next attempt."""
+        return len(self._timers)
+
     def in_flight(self) -> int:
         return sum(p.workers for p in self.pools.values())
 

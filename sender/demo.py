@@ -127,7 +127,7 @@ async def run_demo(messages: int = 20000, connections: int = 20, domains: int = 
                     c = engine.counts
                     # Every message has an outcome once each has been delivered, bounced, or
                     # deferred at least once (deferred ones stay queued for their retry).
-                    done = c["delivered"] + c["bounced"] + _first_deferrals(engine)
+                    done = c["delivered"] + c["bounced"] + engine.dispatcher.waiting_retry()
                     progress.show("outcomes", min(done, messages))
                     if done >= messages:
                         break
@@ -149,9 +149,3 @@ async def run_demo(messages: int = 20000, connections: int = 20, domains: int = 
     ok = injected == messages and st.delivered + st.bounced + deferred_now == messages
     print("  result     " + ("ok: every message accounted for" if ok else "INCOMPLETE"))
     return 0 if ok else 1
-
-
-def _first_deferrals(engine: Engine) -> int:
-    # Messages still live have been deferred at least once once their attempts counter moved.
-    return sum(1 for e in engine._live.values()
-               for d in (e if isinstance(e, list) else [e]) if d.attempts)

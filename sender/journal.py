@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -458,7 +459,7 @@ def _apply(rec, live: dict[str, Delivery], seg: int, off: int, length: int) -> b
     """Fold one replayed record into the live set; True for an Accepted record."""
     if isinstance(rec, _AcceptedHead):
         live[rec.id] = Delivery(
-            id=rec.id, sender=rec.sender, domain="", rcpts=list(rec.rcpts), segment=seg,
+            id=rec.id, sender=sys.intern(rec.sender), domain="", rcpts=list(rec.rcpts), segment=seg,
             offset=off, length=length, received_at=rec.received_at, attempts=rec.attempts,
             next_at=rec.next_at, customer=rec.customer,
         )
