@@ -10,13 +10,14 @@ Rules (TOML, ``[[rule]]`` tables, first match wins) pick what happens to a recip
     delay = 0.5                     # seconds to wait first (any action; "delay" then accepts)
 
 Recipients with no matching rule are accepted. With a log file, every accepted message is one
-JSON line: message_id, from, to, peer, size, at.
+JSON line: message_id, from, to, peer, size, tls, at.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import ssl
 import time
 import tomllib
 from typing import Literal
@@ -92,9 +93,10 @@ def load_rules(data: bytes | str | None) -> list[SinkRule]:
 
 
 class _Session:
-    def __init__(self, sink: "Sink", peer: str) -> None:
+    def __init__(self, sink: "Sink", peer: str, proto: ServerProtocol) -> None:
         self.sink = sink
         self.peer = peer
+        self.proto = proto
         self.data_rules: list[_Rule] = []
 
     async def on_mail(self, ev: MailFrom) -> Answer:
@@ -115,7 +117,7 @@ class _Session:
             answer = await self.sink.apply(rule)
             if answer[0] >= 300:
                 return answer
-        self.sink.record(ev, self.peer)
+        self.sink.record(ev, self.peer, tls=self.proto.tls)
         return 250, "2.0.0", "Ok: queued"
 
 
@@ -128,10 +130,12 @@ class Sink:
     """
 
     def __init__(self, rules: list[SinkRule] | None = None, *, log_path: str | None = None,
-                 hostname: str = "sink.localhost", max_message_size: int = 64 * 1024 * 1024) -> None:
+                 hostname: str = "sink.localhost", max_message_size: int = 64 * 1024 * 1024,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.rules = [_Rule(r, i) for i, r in enumerate(rules or [])]
         self.hostname = hostname
         self.max_message_size = max_message_size
+        self.tls_context = tls_context  # offer STARTTLS with this server context
         self.stats = SinkStatistics()
         self.messages: list[dict] | None = None  # set to [] to keep accepted messages in memory
         self._log_path = log_path
@@ -160,7 +164,7 @@ class Sink:
             self.stats.deferred += 1
         return rule.answer
 
-    def record(self, ev: MessageReceived, peer: str) -> None:
+    def record(self, ev: MessageReceived, peer: str, *, tls: bool = False) -> None:
         self.stats.messages += 1
         self.stats.recipients += len(ev.rcpts)
         if self._log is None and self.messages is None:
@@ -169,7 +173,7 @@ class Sink:
         m = _MESSAGE_ID.search(head)
         entry = {"message_id": m.group(1).decode("utf-8", "replace") if m else None,
                  "from": ev.sender, "to": list(ev.rcpts), "peer": peer, "size": len(ev.body),
-                 "at": time.time()}
+                 "tls": tls, "at": time.time()}
         if self.messages is not None:
             self.messages.append(entry)
         if self._log is not None:
@@ -185,8 +189,10 @@ class Sink:
 
     async def _serve(self, stream: trio.abc.Stream, peer: str) -> None:
         self.stats.connections += 1
-        proto = ServerProtocol(self.hostname, max_message_size=self.max_message_size)
-        await serve_session(stream, proto, _Session(self, peer), watchdog=self._watchdog)
+        proto = ServerProtocol(self.hostname, max_message_size=self.max_message_size,
+                               starttls=self.tls_context is not None)
+        await serve_session(stream, proto, _Session(self, peer, proto), watchdog=self._watchdog,
+                            tls_context=self.tls_context)
 
     async def run_in_memory(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve in-memory connections made with :meth:`open_stream` until cancelled
