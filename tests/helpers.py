@@ -106,7 +106,6 @@ def journal_records(spool: str | os.PathLike) -> list:
             except msgspec.DecodeError:
                 break
             off = end
-        # the loop ends at the tail of each segment
     return out
 
 

@@ -26,16 +26,30 @@ BOUND = 5.0  # seconds; every wait on the network is bounded by this
 QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as ([0-9A-F]+)$")
 
 
+def split_trace(body: bytes) -> tuple[bytes, bytes]:
+    """(the Received: header the listener prepends, the message as the client sent it)."""
+    assert body.startswith(b"Received: "), body[:80]
+    end = 0
+    while True:
+        end = body.index(b"\r\n", end) + 2
+        if body[end:end + 1] not in (b" ", b"\t"):  # not a folded continuation line
+            return body[:end], body[end:]
+
+
 class BodySink(Sink):
-    """A sink that also keeps each accepted message's envelope and body."""
+    """A sink that also keeps each accepted message's envelope and body (the body without
+    the listener's Received: line, which goes to ``traces``)."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.received: list[tuple[str, list[str], bytes]] = []
+        self.traces: list[bytes] = []
 
-    def record(self, ev, peer: str) -> None:
-        self.received.append((ev.sender, list(ev.rcpts), ev.body))
-        super().record(ev, peer)
+    def record(self, ev, peer: str, **kw) -> None:
+        trace, body = split_trace(ev.body)
+        self.received.append((ev.sender, list(ev.rcpts), body))
+        self.traces.append(trace)
+        super().record(ev, peer, **kw)
 
 
 class Env:
@@ -44,9 +58,17 @@ class Env:
         self.sink = sink
         self.addr = addr
         self.spool = spool
+        self.clients: list[RawSMTP] = []
+
+    async def connect(self) -> RawSMTP:
+        """A raw connection, closed when ``running`` exits."""
+        c = await RawSMTP.connect(*self.addr)
+        self.clients.append(c)
+        return c
 
     async def client(self) -> RawSMTP:
-        c = await RawSMTP.connect(*self.addr)
+        """A connection past the greeting and EHLO."""
+        c = await self.connect()
         await c.hello()
         return c
 
@@ -58,7 +80,7 @@ class Env:
 
 @asynccontextmanager
 async def running(tmp_path, *, spool=None, listen=None, rules: str = ""):
-    """Sink + Engine + listener on 127.0.0.1 free ports; all cancelled on exit."""
+    """Sink + Engine + listener on 127.0.0.1 free ports; clients closed and all cancelled on exit."""
     sink = BodySink(load_rules(rules))
     async with trio.open_nursery() as nursery:
         sink_host, sink_port = await nursery.start(sink.run, "127.0.0.1:0")
@@ -70,9 +92,13 @@ async def running(tmp_path, *, spool=None, listen=None, rules: str = ""):
         })
         engine = await nursery.start(Engine(config).run)
         addr = await nursery.start(serve_smtp, engine, "127.0.0.1:0")
+        env = Env(engine, sink, addr, tmp_path / "spool")
         try:
-            yield Env(engine, sink, addr, tmp_path / "spool")
+            yield env
         finally:
+            with trio.CancelScope(shield=True):
+                for c in env.clients:
+                    await c.aclose()
             nursery.cancel_scope.cancel()
 
 
@@ -101,8 +127,11 @@ async def test_message_is_queued_then_delivered_with_body_intact(tmp_path):
             assert m, reply
             await env.wait_received(1)
             assert env.sink.received == [("app@x.test", ["user@y.test"], BODY)]
+            # The listener added its trace line, naming the queue id and the recipient.
+            trace = env.sink.traces[0].decode()
+            assert f" id {m.group(1)}" in trace and "for <user@y.test>" in trace
+            assert "from client.test ([127.0.0.1])" in trace and "by sender.localhost" in trace
             assert (await c.cmd("QUIT")).startswith("221 ")
-            await c.aclose()
         assert env.engine.counts["accepted"] == 1
 
 
@@ -117,11 +146,10 @@ async def test_message_is_in_the_journal_when_the_250_arrives(tmp_path):
             # Straight from the bytes on disk, before yielding to anything else.
             written = [r for r in journal_records(env.spool) if isinstance(r, Accepted)]
             live = Journal(env.spool).replay(read_only=True)
-            assert [(r.id, r.sender, r.rcpts, r.body) for r in written] == [
+            assert [(r.id, r.sender, r.rcpts, split_trace(r.body)[1]) for r in written] == [
                 (msg_id, "app@x.test", ["user@y.test"], BODY)]
             assert msg_id in live and live[msg_id].rcpts == ["user@y.test"]
             await env.wait_received(1)
-            await c.aclose()
 
 
 @pytest.mark.parametrize("bare", [b"\n", b"\r"], ids=["LF", "CR"])
@@ -145,15 +173,13 @@ async def test_smuggled_message_is_refused_whole(tmp_path, bare):
             assert QUEUED.match(reply), reply
             await env.wait_received(1)
             await trio.sleep(0.2)  # anything smuggled would have been delivered by now too
-            await c.aclose()
         assert env.engine.counts["accepted"] == before + 1
         assert env.sink.received == [("app@x.test", ["user@y.test"], b"Subject: clean\r\n\r\nok\r\n")]
         assert [r.sender for r in journal_records(env.spool) if isinstance(r, Accepted)] == ["app@x.test"]
 
 
 async def test_full_spool_answers_452_and_keeps_what_it_accepted(tmp_path):
-    body = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
-    body = body * 20  # ~1.5 KiB: one message takes the spool past its 1 KiB limit
+    body = b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 20  # one takes the spool past 1 KiB
     async with running(tmp_path, spool={"max_bytes": "1KiB"}) as env:
         with trio.fail_after(BOUND):
             a, b = await env.client(), await env.client()
@@ -179,8 +205,6 @@ async def test_full_spool_answers_452_and_keeps_what_it_accepted(tmp_path):
             # The refusal left both sessions usable.
             assert (await a.cmd("RSET")).startswith("250 ")
             assert (await b.cmd("NOOP")).startswith("250 ")
-            await a.aclose()
-            await b.aclose()
 
 
 async def test_oversized_message_gets_552(tmp_path):
@@ -199,7 +223,6 @@ async def test_oversized_message_gets_552(tmp_path):
             reply = await send_message(c, "a@x.test", ["u@y.test"], b"Subject: small\r\n\r\nok\r\n")
             assert QUEUED.match(reply), reply
             await env.wait_received(1)
-            await c.aclose()
         assert env.engine.counts["accepted"] == 1
 
 
@@ -214,7 +237,6 @@ async def test_recipients_over_the_limit_get_452_and_the_rest_is_delivered(tmp_p
             await c.send(b"Subject: t\r\n\r\nhi\r\n.\r\n")
             assert QUEUED.match(await c.reply())
             await env.wait_received(1)
-            await c.aclose()
         assert env.sink.received[0][1] == ["u0@y.test", "u1@y.test"]
 
 
@@ -229,14 +251,13 @@ async def test_bad_recipient_syntax_gets_501_5_1_3(tmp_path, rcpt):
             # No recipient was taken.
             no_rcpt = await c.cmd("DATA")
             assert no_rcpt[:1] in "45" and not no_rcpt.startswith("354"), no_rcpt
-            await c.aclose()
         assert env.engine.counts["accepted"] == 0
 
 
 async def test_every_negative_reply_carries_an_enhanced_code(tmp_path):
     async with running(tmp_path, spool={"max_bytes": "1KiB"}, listen={"max_recipients": 1}) as env:
         with trio.fail_after(BOUND):
-            c = await RawSMTP.connect(*env.addr)
+            c = await env.connect()
             assert (await c.reply()).startswith("220 ")
             negative = []
 
@@ -277,8 +298,7 @@ async def test_every_negative_reply_carries_an_enhanced_code(tmp_path):
             await cmd("DATA")
             await c.send(b"Subject: t\r\n\r\n" + (b"z" * 98 + b"\r\n") * 12 + b".\r\n")
             assert QUEUED.match(await c.reply())
-            await cmd("MAIL FROM:<a@x.test>")          # 452 4.3.1
-            await c.aclose()
+            assert (await cmd("MAIL FROM:<a@x.test>")).startswith("452 4.3.1 ")
         assert len(negative) >= 20, negative
         missing = [(line, reply) for line, reply in negative if not has_enhanced_code(reply)]
         assert missing == []
