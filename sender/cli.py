@@ -109,10 +109,29 @@ def _cmd_run(args) -> int:
         return run_supervisor(args.config, config, repair=args.repair, grace=args.grace)
     try:
         trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace, reuse_port=sharded))
-    except JournalCorrupt as e:
-        print(f"sender run: {e}", file=sys.stderr)
+    except BaseException as e:
+        # trio wraps errors from inside nurseries in exception groups; report the cause.
+        cause = _find(e, (JournalCorrupt, OSError))
+        if cause is None:
+            raise
+        if isinstance(cause, OSError) and cause.filename is None and cause.errno:
+            print(f"sender run: cannot listen on {config.listen.smtp}: {cause.strerror}", file=sys.stderr)
+        else:
+            print(f"sender run: {cause}", file=sys.stderr)
         return 1
     return 0
+
+
+def _find(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``types`` in ``exc``, looking inside exception groups."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _find(sub, types)
+            if found is not None:
+                return found
+    return None
 
 
 def _cmd_sink(args) -> int:

@@ -15,6 +15,7 @@ the supervisor is killing the daemon.
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import math
 import os
@@ -47,6 +48,10 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
         engine = Engine(config, repair=repair)
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
+            # The replayed queue can be millions of long-lived objects: keep them out of the
+            # collector's scans, and collect the young generation less often under load.
+            gc.freeze()
+            gc.set_threshold(20_000, 50, 100)
             listener_scope = trio.CancelScope()
 
             async def listener(task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -319,9 +319,9 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ intake
 
-    def submit(self, d: Delivery) -> None:
+    def submit(self, d: Delivery, now: float | None = None) -> None:
         """Queue a delivery now, or at ``d.next_at`` if that is in the future."""
-        if d.next_at > self.now():
+        if d.next_at > (self.now() if now is None else now):
             self._timers.push(d.next_at, d)
             if d.next_at <= self._timers.peek_due():
                 self._timer_wakeup.set()

@@ -115,21 +115,27 @@ class Engine:
           JournalCorrupt: the journal is corrupt in the middle and ``repair`` is off.
         """
         self._epoch = time.time() - trio.current_time()
-        live = self.journal.replay(repair=self.repair)
+        # The replayed dict becomes the live registry itself: no second million-entry copy.
+        self._live = live = self.journal.replay(repair=self.repair)
+        self._last_id = _id_time(max(live, default=""))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.journal.run)
             await nursery.start(self.dispatcher.run)
-            for d in live.values():
-                self._last_id = max(self._last_id, _id_time(d.id))
-                self._track(d)
-            del live
+            now = self.now()
+            for d in list(live.values()):
+                self._track(d, now)
             nursery.start_soon(self._compactor)
             log.info("engine started: %d messages in the queue", len(self._live))
             task_status.started(self)
 
-    def _track(self, msg: Delivery) -> None:
+    def _track(self, msg: Delivery, now: float | None = None) -> None:
         """Register a live message and queue one delivery per recipient domain."""
+        if len(msg.rcpts) == 1:
+            msg.domain = sys.intern(msg.rcpts[0].rpartition("@")[2].lower())
+            self._live[msg.id] = msg
+            self.dispatcher.submit(msg, now)
+            return
         groups = split_by_domain(msg.rcpts)
         parts = []
         for domain, rcpts in groups.items():
@@ -138,7 +144,7 @@ class Engine:
             parts.append(d)
         self._live[msg.id] = parts[0] if len(parts) == 1 else parts
         for d in parts:
-            self.dispatcher.submit(d)
+            self.dispatcher.submit(d, now)
 
     async def shutdown(self, grace: float) -> None:
         """Stop starting transactions, wait up to ``grace`` seconds for the ones in flight."""

@@ -110,11 +110,11 @@ class _Session:
         if rule.at == "data":
             self.data_rules.append(rule)
             return 250, "2.1.5", "Ok"
-        return await self.sink.apply(rule)
+        return await self.sink.apply(rule, self.flush)
 
     async def on_message(self, ev: MessageReceived) -> Answer:
         for rule in self.data_rules:
-            answer = await self.sink.apply(rule)
+            answer = await self.sink.apply(rule, self.flush)
             if answer[0] >= 300:
                 return answer
         self.sink.record(ev, self.peer, tls=self.proto.tls)
@@ -151,8 +151,9 @@ class Sink:
                 return rule
         return None
 
-    async def apply(self, rule: _Rule) -> Answer:
+    async def apply(self, rule: _Rule, flush) -> Answer:
         if rule.delay:
+            await flush()  # answers to earlier pipelined commands go out before the wait
             await trio.sleep(rule.delay)
         if rule.action == "drop":
             self.stats.dropped += 1

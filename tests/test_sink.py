@@ -217,3 +217,25 @@ def test_bad_rules_name_the_rule_and_field(rules, key):
     with pytest.raises(ConfigError) as e:
         Sink(load_rules(rules))
     assert key in str(e.value)
+
+
+async def test_a_delay_does_not_hold_back_the_reply_to_an_earlier_pipelined_message(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        sink = await start(nursery)
+        session = await open_session("mx", 25, ehlo="client.test", open_stream=sink.open_stream)
+        t0 = trio.current_time()
+        finished: dict[str, float] = {}
+
+        class Item:
+            def __init__(self, rcpt):
+                self.sender, self.rcpts = "a@x.test", [rcpt]
+
+        first, second = Item("u@fast.test"), Item("u@slow.test")
+        queue = [second]
+        # first's body goes out in the same write as second's MAIL/RCPT/DATA (pipelining).
+        await session.pipeline(first, lambda: queue.pop() if queue else None, lambda _: BODY,
+                               lambda item, res: finished.setdefault(item.rcpts[0], trio.current_time() - t0))
+        await session.quit()
+        nursery.cancel_scope.cancel()
+    assert finished["u@fast.test"] < 1.0       # answered at once, not after the 30 s delay
+    assert finished["u@slow.test"] >= 30

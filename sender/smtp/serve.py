@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 import trio
 
@@ -65,6 +65,12 @@ class IdleWatchdog:
 
 
 class SessionHandler(Protocol):
+    """The three decisions of a session. A handler that is about to wait on purpose (a delay
+    rule) first awaits the ``flush`` that :func:`serve_session` gives it, so replies to
+    earlier pipelined commands are not held back by the wait."""
+
+    flush: "Callable[[], Awaitable[None]]"
+
     async def on_mail(self, ev: MailFrom) -> Answer: ...
     async def on_rcpt(self, ev: RcptTo) -> Answer: ...
     async def on_message(self, ev: MessageReceived) -> Answer: ...
@@ -86,6 +92,13 @@ async def serve_session(
     Never raises for network trouble; the stream is closed on return.
     """
     watched = None
+
+    async def flush() -> None:
+        out = proto.data_to_send()
+        if out:
+            await stream.send_all(out)
+
+    handler.flush = flush
     try:
         with trio.CancelScope() as scope:
             watched = watchdog.watch(scope)
