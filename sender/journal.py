@@ -76,12 +76,11 @@ class JournalStatistics(msgspec.Struct, frozen=True):
 
 
 class _AcceptedHead(Rec, tag="accepted"):
-    """Accepted, decoded for replay without copying the body out (and recipients as a tuple,
-    16 bytes smaller than a list per queued message)."""
+    """Accepted, decoded for replay without copying the body out."""
 
     id: str
     sender: str
-    rcpts: tuple[str, ...]
+    rcpts: list[str]
     received_at: float
     body: msgspec.Raw
     customer: str = ""
