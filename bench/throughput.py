@@ -2,7 +2,8 @@
 
 Usage:
   python bench/throughput.py [--messages 20000] [--connections 20] [--size 2048]
-                             [--fsync batch] [--vs-postfix] [--timeout 600]
+                             [--fsync batch] [--processes 2] [--delivery-connections 8]
+                             [--vs-postfix] [--timeout 600]
 
 Default run: a sink (Postfix's C ``smtp-sink`` when installed, else ``sender sink``), the
 daemon (``python -m sender run``) on a temporary spool relaying everything to the sink, and N
@@ -15,8 +16,13 @@ Python injector). It reports:
   smtp-source injecting, one extra Python "sampler" connection sends paced messages alongside
   it and is timed (its messages are delivered and counted too); with the Python injector
   every transaction is timed;
-- daemon CPU seconds per 10,000 messages (utime+stime from /proc/PID/stat over the run);
-- daemon peak RSS (VmHWM from /proc/PID/status).
+- daemon CPU seconds per 10,000 messages (utime+stime from /proc/PID/stat over the run, the
+  supervisor and its shard processes added up);
+- daemon peak RSS (VmHWM from /proc/PID/status, added up the same way).
+
+The daemon runs with ``daemon.processes = 2`` (one engine per core) and a delivery
+connection limit of 8: fewer, busier connections let the client pipeline each message's
+body with the next message's envelope.
 
 With ``--vs-postfix``, against the same smtp-sink: smtp-source straight into the sink (the
 no-queue ceiling), a private loopback-only Postfix instance relaying the same load, and
@@ -326,18 +332,39 @@ def read_line_until(proc: subprocess.Popen, marker: str, deadline: Deadline, wha
 
 # ---------------------------------------------------------------------------- /proc
 
+def proc_tree(pid: int) -> list[int]:
+    """``pid`` and its direct children (the shard processes of a sharded daemon)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pids
+
+
 def proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+    """utime + stime of ``pid`` and its children."""
+    total = 0
+    for p in proc_tree(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def proc_peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Sum of VmHWM over ``pid`` and its children."""
+    total = 0.0
+    for p in proc_tree(pid):
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+    return total
 
 
 # ---------------------------------------------------------------------------- Python SMTP client
@@ -506,8 +533,9 @@ def run_sender(args, sink, workdir: str, deadline: Deadline) -> dict:
     config = os.path.join(workdir, "sender.toml")
     with open(config, "w") as f:
         f.write(f'[spool]\npath = "{spool}"\nfsync = "{args.fsync}"\n\n'
-                f'[listen]\nsmtp = "127.0.0.1:0"\n\n'
-                f'[delivery]\nconnection_limit = {args.connections}\n\n'
+                f'[listen]\nsmtp = "127.0.0.1:{free_port() if args.processes > 1 else 0}"\n\n'
+                f'[delivery]\nconnection_limit = {args.delivery_connections or args.connections}\n\n'
+                f'[daemon]\nprocesses = {args.processes}\n\n'
                 f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{sink.port}"\n')
     proc = spawn([sys.executable, "-m", "sender", "run", "--config", config], cwd=REPO, env=child_env(),
                  stdout=subprocess.PIPE, stderr=open(os.path.join(workdir, "sender.stderr"), "w"), text=True)
@@ -773,6 +801,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=20, help="injection connections and delivery connection limit")
     p.add_argument("--size", type=int, default=2048, help="message body bytes (smtp-source -l)")
     p.add_argument("--fsync", choices=("always", "batch", "never"), default="batch")
+    p.add_argument("--processes", type=int, default=2, help="sender's daemon.processes (engine processes)")
+    p.add_argument("--delivery-connections", type=int, default=8,
+                   help="sender's delivery connection_limit (fewer, busier connections pipeline more)")
     p.add_argument("--vs-postfix", action="store_true", help="also measure smtp-source direct, Postfix, aiosmtplib")
     p.add_argument("--timeout", type=float, default=600.0, help="global limit in seconds for the whole run")
     p.add_argument("--python-only", action="store_true",
@@ -816,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
                     if tool("smtp-source") else f"Python injector, {args.connections} connections")
         sink_name = f"{sink.name} ({postfix_version()})" if isinstance(sink, SmtpSink) else sink.name
         setup = (f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}; injector: {injector}; "
-                 f"sink: {sink_name}; delivery connection_limit {args.connections}")
+                 f"sink: {sink_name}; delivery connection_limit "
+                 f"{args.delivery_connections or args.connections}; daemon.processes {args.processes}")
         print(f"throughput: {setup}", file=sys.stderr, flush=True)
         phases = [("sender", lambda: run_sender(args, sink, workdir, deadline))]
         if args.vs_postfix:
