@@ -462,16 +462,9 @@ class Journal:
         segs = sorted(self._sizes)
         return segs[0] if segs and segs[0] < self._current else None
 
-    def segment_size(self, segment: int) -> int:
-        return self._sizes.get(segment, 0)
-
     @property
     def total_bytes(self) -> int:
         return sum(self._sizes.values())
-
-    @property
-    def current_segment(self) -> int:
-        return self._current
 
     def statistics(self) -> JournalStatistics:
         return JournalStatistics(

@@ -216,15 +216,19 @@ def test_run_refuses_a_corrupt_journal_then_starts_with_repair(tmp_path):
     assert sorted(live) == ["00000000000000001", "00000000000002001"]
 
 
-def test_corrupt_journal_is_reported_in_one_line_without_a_traceback(tmp_path):
-    corrupt_spool(tmp_path / "spool")
-    out = tmp_path / "refused.out"
-    proc = spawn(["run", "--config", write_config(tmp_path)], out)
+def run_until_exit(args: list[str], out) -> tuple[int, str]:
+    """Run ``sender`` in a subprocess that is expected to stop by itself; (status, stderr)."""
+    proc = spawn(args, out)
     try:
         status = proc.wait(15)
     finally:
         stop(proc, signal.SIGKILL)
-    err = out.with_suffix(".err").read_text()
+    return status, out.with_suffix(".err").read_text()
+
+
+def test_corrupt_journal_is_reported_in_one_line_without_a_traceback(tmp_path):
+    corrupt_spool(tmp_path / "spool")
+    status, err = run_until_exit(["run", "--config", write_config(tmp_path)], tmp_path / "refused.out")
     assert status == 1
     assert err.startswith("sender run: journal: corrupt record in segment 0000000001.seg"), err
     assert "Traceback" not in err
@@ -233,20 +237,13 @@ def test_corrupt_journal_is_reported_in_one_line_without_a_traceback(tmp_path):
 def test_port_in_use_is_reported_in_one_line(tmp_path):
     import socket
 
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    port = busy.getsockname()[1]
-    cfg = tmp_path / "busy.toml"
-    cfg.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n[listen]\nsmtp = "127.0.0.1:{port}"\n')
-    out = tmp_path / "busy.out"
-    proc = spawn(["run", "--config", str(cfg)], out)
-    try:
-        status = proc.wait(15)
-    finally:
-        stop(proc, signal.SIGKILL)
-        busy.close()
-    err = out.with_suffix(".err").read_text()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "busy.toml"
+        cfg.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n[listen]\nsmtp = "127.0.0.1:{port}"\n')
+        status, err = run_until_exit(["run", "--config", str(cfg)], tmp_path / "busy.out")
     assert status == 1
     assert err.startswith(f"sender run: cannot listen on 127.0.0.1:{port}:"), err
     assert "Traceback" not in err

@@ -179,7 +179,8 @@ async def test_submit_refuses_bad_recipients(tmp_path, autojump_clock):
         n.cancel_scope.cancel()
 
 
-async def test_opportunistic_starttls_is_used_when_offered(tmp_path, autojump_clock):
+@pytest.mark.parametrize("starttls, expect_tls", [("opportunistic", True), ("never", False)])
+async def test_starttls_offered_by_the_site(tmp_path, autojump_clock, starttls, expect_tls):
     import ssl
 
     import trustme
@@ -190,26 +191,8 @@ async def test_opportunistic_starttls_is_used_when_offered(tmp_path, autojump_cl
     sink = Sink(tls_context=server_ctx)
     sink.messages = []
     async with trio.open_nursery() as n:
-        engine = await start(n, make_config(tmp_path, [("*", "mx:25")]), Sinks(mx=sink))
+        engine = await start(n, make_config(tmp_path, [("*", "mx:25")], starttls=starttls), Sinks(mx=sink))
         await engine.submit("a@x.test", ["u@y.test"], BODY)
         await until(lambda: engine.counts["delivered"] == 1)
         n.cancel_scope.cancel()
-    assert sink.messages[0]["tls"] is True
-
-
-async def test_starttls_never_stays_in_clear_text(tmp_path, autojump_clock):
-    import ssl
-
-    import trustme
-
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("mx.test").configure_cert(server_ctx)
-    sink = Sink(tls_context=server_ctx)
-    sink.messages = []
-    async with trio.open_nursery() as n:
-        engine = await start(n, make_config(tmp_path, [("*", "mx:25")], starttls="never"), Sinks(mx=sink))
-        await engine.submit("a@x.test", ["u@y.test"], BODY)
-        await until(lambda: engine.counts["delivered"] == 1)
-        n.cancel_scope.cancel()
-    assert sink.messages[0]["tls"] is False
+    assert sink.messages[0]["tls"] is expect_tls

@@ -54,7 +54,7 @@ class Timeouts(msgspec.Struct, frozen=True):
 
 
 class TransactionResult(msgspec.Struct):
-    """Replies of one transaction. ``data_reply`` is None when DATA was never accepted (no
+    """Replies of one transaction. ``data_started`` is False when DATA was never accepted (no
     recipient taken, or MAIL refused); then ``final`` is the reply that ended it."""
 
     mail: Reply
@@ -296,11 +296,6 @@ class SMTPSession:
             return mail, rcpt_replies, None
         await self._send(p.send(Data()))
         return mail, rcpt_replies, (await self._replies(1))[0]
-
-    async def reset(self) -> None:
-        with _session_errors("RSET", self.peer), trio.fail_after(self.timeouts.mail):
-            await self._send(self.proto.send(Rset()))
-            await self._replies(1)
 
     async def quit(self) -> None:
         """Say QUIT and close; never raises.

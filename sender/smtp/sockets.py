@@ -24,6 +24,12 @@ __all__ = ["FastStream", "FastListener", "connect_tcp", "open_listener"]
 _RECV = 65536
 
 
+def _close(sock: socket.socket) -> None:
+    """Wake any task waiting on ``sock`` (it gets ClosedResourceError), then close it."""
+    trio.lowlevel.notify_closing(sock)
+    sock.close()
+
+
 class FastStream(trio.abc.HalfCloseableStream):
     """A non-blocking TCP socket as a trio stream. One task sends, one task receives."""
 
@@ -89,8 +95,7 @@ class FastStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self.socket)
-            self.socket.close()
+            _close(self.socket)
         await checkpoint()
 
 
@@ -153,8 +158,7 @@ class FastListener(trio.abc.Listener[FastStream]):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self.socket)
-            self.socket.close()
+            _close(self.socket)
         await checkpoint()
 
 
