@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .daemon import run_daemon, run_supervisor, shard_config
+    from .daemon import check_spool_layout, run_daemon, run_supervisor, shard_config
     from .journal import JournalCorrupt
 
     config = load_config(args.config)
     sharded = args.shard is not None
+    if not sharded:
+        check_spool_layout(config)
     if sharded:
         config = shard_config(config, *args.shard)
     elif config.daemon.processes > 1:

@@ -29,9 +29,10 @@ import trio
 
 from .config import Config, ConfigError
 from .engine import Engine
+from .journal import Journal
 from .inject.smtpd import serve_smtp
 
-__all__ = ["run_daemon", "run_supervisor", "shard_config", "spool_dirs"]
+__all__ = ["check_spool_layout", "run_daemon", "run_supervisor", "shard_config", "spool_dirs"]
 
 log = logging.getLogger("sender.daemon")
 
@@ -89,16 +90,23 @@ def spool_dirs(path: str | os.PathLike) -> list[Path]:
     return shards or [Path(path)]
 
 
-def _check_shards(config: Config) -> None:
+def check_spool_layout(config: Config) -> None:
+    """Refuse a process count that would leave queued mail in a journal nobody reads.
+
+    Raises:
+      ConfigError: naming ``daemon.processes`` and the journal that still holds mail.
+    """
+    root = Path(config.spool.path)
     n = config.daemon.processes
-    for d in spool_dirs(config.spool.path):
-        index = int(d.name.split("-")[1]) if d.name.startswith("shard-") else None
-        if index is None and any(d.glob("*.seg")) and n > 1:
-            raise ConfigError(f"daemon.processes: the spool {d} was written by a single process; "
-                              f"run it with processes = 1 until it is empty")
-        if index is not None and index >= n and any(d.glob("*.seg")):
-            raise ConfigError(f"daemon.processes: {d} holds a journal from a daemon with more processes; "
-                              f"run with processes >= {index + 1} until it is empty")
+    used = {root} if n == 1 else {root / f"shard-{i}" for i in range(n)}
+    for d in [root, *root.glob("shard-*")]:
+        if d in used or not d.is_dir():
+            continue
+        queued = len(Journal(d).replay(read_only=True))
+        if queued:
+            raise ConfigError(f"daemon.processes: {d} still holds {queued} queued messages that "
+                              f"processes = {n} would not read; run with the process count that "
+                              f"wrote it until it is empty")
 
 
 def _die_with_parent() -> None:
@@ -114,7 +122,6 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
 
     Returns 0 when every shard stopped cleanly, else the first non-zero exit status.
     """
-    _check_shards(config)
     n = config.daemon.processes
     cmd = [sys.executable, "-m", "sender", "run", "--config", config_path, "--grace", str(grace)]
     if repair:

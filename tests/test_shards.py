@@ -1,0 +1,114 @@
+"""``daemon.processes = 2``: a supervisor and two engine processes sharing one port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import time
+
+import orjson
+
+from sender.cli import main
+
+from helpers import spawn, stop, wait_for_line
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path) -> tuple[str, int]:
+    port = free_port()
+    cfg = tmp_path / "sharded.toml"
+    cfg.write_text(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        f'[listen]\nsmtp = "127.0.0.1:{port}"\n'
+        f'[delivery]\nretry_interval = "1h"\n'
+        f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{free_port()}"\n'   # nothing listens: all deferred
+        f'[daemon]\nprocesses = 2\n')
+    return str(cfg), port
+
+
+def wait_for_shards(proc, out, count: int = 2) -> None:
+    wait_for_line(proc, out, r"(?s)(listening on.*){%d}" % count)
+
+
+def children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError):
+                continue
+    return kids
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_two_shards_share_the_port_and_keep_their_own_journals(tmp_path, capsys):
+    cfg, port = write_config(tmp_path)
+    out = tmp_path / "sharded.out"
+    proc = spawn(["run", "--config", cfg], out)
+    try:
+        wait_for_shards(proc, out)
+        for i in range(30):   # one connection each: the kernel spreads them over both shards
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("app@x.test", [f"u{i}@y.test"], b"Subject: s\r\n\r\nhi\r\n")
+    finally:
+        status = stop(proc)
+    assert status == 0
+    assert out.read_text().count("sender: stopped;") == 2
+    shard_dirs = sorted(p.name for p in (tmp_path / "spool").iterdir())
+    assert shard_dirs == ["shard-0", "shard-1"]
+    assert main(["queue", "--spool", str(tmp_path / "spool"), "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["messages"] == 30
+    for shard in shard_dirs:
+        assert main(["queue", "--spool", str(tmp_path / "spool" / shard), "--json"]) == 0
+        assert orjson.loads(capsys.readouterr().out)["messages"] > 0
+
+
+def test_killing_the_supervisor_kills_its_shards(tmp_path):
+    cfg, _ = write_config(tmp_path)
+    out = tmp_path / "killed.out"
+    proc = spawn(["run", "--config", cfg], out)
+    try:
+        wait_for_shards(proc, out)
+        shards = children_of(proc.pid)
+        assert len(shards) == 2
+    finally:
+        stop(proc, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in shards) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in shards)
+
+
+def test_fewer_processes_than_shards_with_mail_is_refused(tmp_path, capsys):
+    cfg, port = write_config(tmp_path)
+    out = tmp_path / "first.out"
+    proc = spawn(["run", "--config", cfg], out)
+    try:
+        wait_for_shards(proc, out)
+        for i in range(12):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("app@x.test", [f"u{i}@y.test"], b"Subject: s\r\n\r\nhi\r\n")
+    finally:
+        assert stop(proc) == 0
+    single = tmp_path / "single.toml"
+    single.write_text(open(cfg).read().replace("processes = 2", "processes = 1"))
+    # With processes = 1 the spool's shard directories would be ignored: refuse, naming the key.
+    assert main(["run", "--config", str(single)]) == 2
+    assert "daemon.processes" in capsys.readouterr().err
