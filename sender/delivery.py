@@ -101,6 +101,10 @@ class SitePool:
         return PoolStatistics(self.key, len(self.queue), self.workers, len(self._lot),
                               self.sessions_opened, self.transactions)
 
+    def wake_all(self) -> None:
+        """Wake idle workers (so they notice the dispatcher is stopping)."""
+        self._lot.unpark_all()
+
     def push(self, d: Delivery) -> None:
         if self.suspended_reply is not None:
             if self.d.now() < self.suspended_until:
@@ -407,7 +411,7 @@ class Dispatcher:
         """Stop starting transactions; workers finish the one they are in, then QUIT."""
         self.stopping = True
         for p in self.pools.values():
-            p._lot.unpark_all()
+            p.wake_all()
 
     def statistics(self) -> list[PoolStatistics]:
         return [p.statistics() for p in self.pools.values()]
