@@ -160,6 +160,7 @@ class Journal:
         self._wakeup = trio.Event()
         self._replayed = False
         self._closed = False
+        self._failed = False
         self._batches = 0
         self._fsyncs = 0
         self._last_fsync = 0.0
@@ -367,14 +368,24 @@ class Journal:
                     fds.setdefault(self._fd, False)
                     self._dirty = False
                 done, self._batch_done = self._batch_done, trio.Event()
-                if self.fsync != "never" and fds:
-                    start = trio.current_time()
-                    await trio.to_thread.run_sync(_fsync_all, list(fds))
-                    self._last_fsync = trio.current_time() - start
-                    self._fsyncs += 1
-                for fd, close in fds.items():
-                    if close:
-                        os.close(fd)
+                try:
+                    if self.fsync != "never" and fds:
+                        start = trio.current_time()
+                        await trio.to_thread.run_sync(_fsync_all, list(fds))
+                        self._last_fsync = trio.current_time() - start
+                        self._fsyncs += 1
+                except trio.Cancelled:
+                    done.set()  # the thread is never abandoned: the fsync did complete
+                    raise
+                except OSError:
+                    # A failed fsync may have lost pages that a retry would call clean:
+                    # acknowledge nothing more; the daemon stops with the error.
+                    self._failed = True
+                    raise
+                finally:
+                    for fd, close in fds.items():
+                        if close:
+                            os.close(fd)
                 self._batches += 1
                 done.set()
         finally:
@@ -401,13 +412,16 @@ class Journal:
         fds = dict(self._to_sync)
         if self._fd >= 0:
             fds[self._fd] = True
-        if self.fsync != "never":
-            _fsync_all(list(fds))
-        for fd in fds:
-            os.close(fd)
-        self._fd = -1
-        self._to_sync = {}
-        self._batch_done.set()
+        try:
+            if self.fsync != "never" and not self._failed:
+                _fsync_all(list(fds))
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self._fd = -1
+            self._to_sync = {}
+        if not self._failed:
+            self._batch_done.set()
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()

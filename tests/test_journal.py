@@ -148,3 +148,27 @@ async def test_read_detects_a_bad_frame(tmp_path):
 def test_bad_fsync_policy_is_named():
     with pytest.raises(ValueError, match="fsync"):
         Journal("/nonexistent", fsync="sometimes")
+
+
+async def test_a_failed_fsync_acknowledges_nothing(tmp_path, monkeypatch):
+    import sender.journal as journal_module
+
+    j = Journal(tmp_path, fsync="batch")
+    j.replay()
+
+    def broken(fds):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module, "_fsync_all", broken)
+    acked = []
+
+    async def commit_one():
+        await j.commit(accepted(1))
+        acked.append(1)
+
+    with pytest.raises(BaseExceptionGroup) as e:
+        async with trio.open_nursery() as n:
+            await n.start(j.run)
+            n.start_soon(commit_one)
+    assert e.group_contains(OSError)
+    assert acked == []
