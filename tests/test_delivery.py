@@ -228,3 +228,20 @@ async def test_compaction_moves_the_last_live_messages_and_deletes_old_segments(
     live = Journal(tmp_path / "spool").replay()
     assert sorted(live) == sorted(kept)           # moved forward, not lost
     assert all(d.segment > first for d in live.values())
+
+
+async def test_a_phase_timeout_defers_the_message_and_drops_the_session(tmp_path, autojump_clock):
+    # The sink sits on the end of data for 900 s; RFC 5321's 10 minutes for "end of DATA"
+    # run out first. The outcome is unknown, so the message is deferred, never bounced.
+    sink = Sink(load_rules('[[rule]]\nmatch = "*@tarpit.test"\naction = "delay"\nat = "data"\ndelay = 900'))
+    config = make_config(tmp_path, [("*", "mx:25")], timeouts={"data_done": "10m"})
+    async with trio.open_nursery() as n:
+        engine = await start(n, config, Sinks(mx=sink))
+        t0 = trio.current_time()
+        await engine.submit("s@x.test", ["u@tarpit.test"], BODY)
+        await until(lambda: engine.counts["deferred"] == 1, step=1)
+        elapsed = trio.current_time() - t0
+        n.cancel_scope.cancel()
+    assert 600 <= elapsed < 900
+    live = Journal(tmp_path / "spool").replay()
+    assert len(live) == 1 and next(iter(live.values())).attempts == 1

@@ -239,3 +239,17 @@ async def test_a_delay_does_not_hold_back_the_reply_to_an_earlier_pipelined_mess
         nursery.cancel_scope.cancel()
     assert finished["u@fast.test"] < 1.0       # answered at once, not after the 30 s delay
     assert finished["u@slow.test"] >= 30
+
+
+async def test_a_silent_client_is_disconnected_after_the_idle_timeout(autojump_clock):
+    async with trio.open_nursery() as nursery:
+        sink = await start(nursery)
+        session = await open_session("mx", 25, ehlo="client.test", open_stream=sink.open_stream)
+        await trio.sleep(299)
+        ok = await session.transaction("a@x.test", ["u@fine.test"], BODY)   # still open at 299 s
+        assert ok.final.code == 250
+        await trio.sleep(400)                                               # silent past 300 s
+        with pytest.raises(SessionError):
+            await session.transaction("a@x.test", ["u@fine.test"], BODY)
+        await session.aclose()
+        nursery.cancel_scope.cancel()

@@ -28,11 +28,12 @@ class DropConnection(Exception):
 
 
 class _Watched:
-    __slots__ = ("scope", "seen")
+    __slots__ = ("scope", "seen", "reading")
 
     def __init__(self, scope: trio.CancelScope, seen: int) -> None:
         self.scope = scope
-        self.seen = seen
+        self.seen = seen        # watchdog tick when the session last started to wait for input
+        self.reading = False    # only a session waiting for its client can be idle
 
 
 class IdleWatchdog:
@@ -60,7 +61,7 @@ class IdleWatchdog:
             await trio.sleep(1)
             self.tick += 1
             for w in self._sessions:
-                if self.tick - w.seen > self.timeout_ticks:
+                if w.reading and self.tick - w.seen > self.timeout_ticks:
                     w.scope.cancel()
 
 
@@ -111,8 +112,10 @@ async def serve_session(
                         await stream.send_all(out)
                     if proto.closed:
                         return
-                    watched.seen = watchdog.tick
-                    proto.receive_data(await stream.receive_some(_RECV))
+                    watched.seen, watched.reading = watchdog.tick, True
+                    data = await stream.receive_some(_RECV)
+                    watched.reading = False
+                    proto.receive_data(data)
                 elif isinstance(ev, RcptTo):
                     proto.reply(*await handler.on_rcpt(ev))
                 elif isinstance(ev, MailFrom):
