@@ -245,3 +245,18 @@ async def test_a_phase_timeout_defers_the_message_and_drops_the_session(tmp_path
     assert 600 <= elapsed < 900
     live = Journal(tmp_path / "spool").replay()
     assert len(live) == 1 and next(iter(live.values())).attempts == 1
+
+
+async def test_connections_leave_from_the_configured_source_address(tmp_path):
+    # Real loopback sockets (no virtual clock): 127.0.0.2 stands in for a sending IP.
+    sink = Sink()
+    sink.messages = []
+    async with trio.open_nursery() as n:
+        host, port = await n.start(sink.run, "127.0.0.1:0")
+        config = make_config(tmp_path, [("*", f"{host}:{port}")], source="127.0.0.2")
+        engine = await n.start(Engine(config).run)
+        await engine.submit("s@x.test", ["u@y.test"], BODY)
+        with trio.fail_after(10):
+            await until(lambda: engine.counts["delivered"] == 1, step=0.01)
+        n.cancel_scope.cancel()
+    assert sink.messages[0]["peer"].startswith("127.0.0.2:")
