@@ -143,16 +143,20 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
         status = 0
         remaining = list(children)
         while remaining:
-            pid, code = os.wait()
+            try:
+                pid, code = os.wait()
+            except ChildProcessError:   # reaped already (by poll() in relay)
+                pid, code = -1, 0
             for c in remaining:
                 if c.pid == pid:
-                    remaining.remove(c)
                     c.returncode = os.waitstatus_to_exitcode(code)
-                    if c.returncode != 0 and not status:
-                        status = c.returncode if c.returncode > 0 else 1
-                        if not stopping:
-                            log.error("shard process %d exited with %s: stopping the others", pid, c.returncode)
-                            relay(signal.SIGTERM, None)
+            for c in [c for c in remaining if c.returncode is not None]:
+                remaining.remove(c)
+                if c.returncode != 0 and not status:
+                    status = c.returncode if c.returncode > 0 else 1
+                    if not stopping:
+                        log.error("shard process %d exited with %s: stopping the others", c.pid, c.returncode)
+                        relay(signal.SIGTERM, None)
         return status
     finally:
         for sig, handler in old.items():

@@ -112,3 +112,19 @@ def test_fewer_processes_than_shards_with_mail_is_refused(tmp_path, capsys):
     # With processes = 1 the spool's shard directories would be ignored: refuse, naming the key.
     assert main(["run", "--config", str(single)]) == 2
     assert "daemon.processes" in capsys.readouterr().err
+
+
+def test_a_shard_that_dies_stops_the_daemon_with_an_error(tmp_path):
+    cfg, _ = write_config(tmp_path)
+    out = tmp_path / "dies.out"
+    proc = spawn(["run", "--config", cfg], out)
+    try:
+        wait_for_shards(proc, out)
+        first, second = children_of(proc.pid)
+        os.kill(first, signal.SIGKILL)
+        status = proc.wait(15)
+    finally:
+        stop(proc, signal.SIGKILL)
+    assert status != 0
+    assert "stopped;" in out.read_text()          # the surviving shard stopped cleanly
+    assert not alive(second)
