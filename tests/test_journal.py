@@ -172,3 +172,16 @@ async def test_a_failed_fsync_acknowledges_nothing(tmp_path, monkeypatch):
             n.start_soon(commit_one)
     assert e.group_contains(OSError)
     assert acked == []
+
+
+def test_records_written_before_fields_were_appended_still_decode():
+    # Schema evolution: fields are only ever appended with defaults, so a frame from an
+    # older writer (here an Accepted record without customer/attempts/next_at) decodes.
+    import msgspec
+
+    from sender.journal import _decoder
+
+    old = msgspec.msgpack.encode(["accepted", "M1", "a@x.test", ["b@y.test"], 5.0, b"body"])
+    rec = _decoder.decode(old)
+    assert isinstance(rec, Accepted) and rec.body == b"body"
+    assert (rec.customer, rec.attempts, rec.next_at) == ("", 0, 0.0)
