@@ -143,24 +143,28 @@ class SitePool:
         return None
 
     async def _connect(self) -> SMTPSession:
+        """A session to the first host that takes one, in MX order."""
         cfg = self.d.config.delivery
+
+        def attempt(host: str, port: int, tls: bool):
+            return open_session(host, port, ehlo=cfg.ehlo, source=cfg.source, timeouts=self.d.timeouts,
+                                tls_context=self.d.tls_context if tls else None,
+                                open_stream=self.d.open_stream)
+
         last: ConnectError | None = None
         for host, port in self.hosts:
-            tls = None if (cfg.starttls == "never" or host in self._no_tls) else self.d.tls_context
+            tls = self.d.tls_context is not None and host not in self._no_tls
             try:
-                return await open_session(host, port, ehlo=cfg.ehlo, source=cfg.source,
-                                          timeouts=self.d.timeouts, tls_context=tls,
-                                          open_stream=self.d.open_stream)
+                return await attempt(host, port, tls)
             except ConnectError as e:
-                if getattr(e, "tls_failed", False):
-                    # Like Postfix: after a failed handshake, retry this host in clear text.
-                    self._no_tls.add(host)
-                    try:
-                        return await open_session(host, port, ehlo=cfg.ehlo, source=cfg.source,
-                                                  timeouts=self.d.timeouts, tls_context=None,
-                                                  open_stream=self.d.open_stream)
-                    except ConnectError as e2:
-                        e = e2
+                last = e
+                if not e.tls_failed:
+                    continue
+            # Like Postfix: after a failed handshake, retry this host in clear text.
+            self._no_tls.add(host)
+            try:
+                return await attempt(host, port, False)
+            except ConnectError as e:
                 last = e
         assert last is not None
         raise last
@@ -224,7 +228,7 @@ class SitePool:
                                                                        self.d.outcomes.body(first)))
                 except SessionError as e:
                     reply = _local_reply(_LOCAL_TEMP, "4.4.2", str(e))
-                    for lost in getattr(e, "unfinished", [first]):
+                    for lost in e.unfinished or [first]:
                         self._fail(lost, reply)
                     return
                 finally:

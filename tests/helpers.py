@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -110,6 +111,13 @@ def journal_records(spool: str | os.PathLike) -> list:
 
 
 # ----------------------------------------------------------------------- subprocesses
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (connects are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subprocess_env() -> dict[str, str]:

@@ -19,16 +19,9 @@ from sender.cli import main
 from sender.journal import Journal
 from sender.model import Accepted, Deferred, Delivered, Reply
 
-from helpers import spawn, stop, wait_for_line
+from helpers import free_port, spawn, stop, wait_for_line
 
 LISTENING = r"^sender: listening on (127\.0\.0\.1):(\d+) \(SMTP\)$"
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on (connects are refused at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path, extra: str = "", spool=None) -> str:
@@ -37,7 +30,7 @@ def write_config(tmp_path, extra: str = "", spool=None) -> str:
         f'[spool]\npath = "{spool or tmp_path / "spool"}"\nfsync = "batch"\n'
         f'[listen]\nsmtp = "127.0.0.1:0"\n'
         f'[delivery]\nretry_interval = "1h"\nstarttls = "never"\n'
-        f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{closed_port()}"\n' + extra)
+        f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{free_port()}"\n' + extra)
     return str(path)
 
 

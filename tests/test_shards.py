@@ -5,20 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import socket
 import time
 
 import orjson
 
 from sender.cli import main
 
-from helpers import spawn, stop, wait_for_line
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port, spawn, stop, wait_for_line
 
 
 def write_config(tmp_path) -> tuple[str, int]:
@@ -33,8 +26,24 @@ def write_config(tmp_path) -> tuple[str, int]:
     return str(cfg), port
 
 
-def wait_for_shards(proc, out, count: int = 2) -> None:
-    wait_for_line(proc, out, r"(?s)(listening on.*){%d}" % count)
+def start_daemon(tmp_path, name: str):
+    """``sender run`` with two shards, once both listen; returns (proc, stdout path, config, port)."""
+    cfg, port = write_config(tmp_path)
+    out = tmp_path / f"{name}.out"
+    proc = spawn(["run", "--config", cfg], out)
+    try:
+        wait_for_line(proc, out, r"(?s)(listening on.*){2}")
+    except BaseException:
+        stop(proc, signal.SIGKILL)
+        raise
+    return proc, out, cfg, port
+
+
+def send_messages(port: int, count: int) -> None:
+    """One SMTP connection per message, so the kernel spreads them over the shards."""
+    for i in range(count):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.sendmail("app@x.test", [f"u{i}@y.test"], b"Subject: s\r\n\r\nhi\r\n")
 
 
 def children_of(pid: int) -> list[int]:
@@ -59,14 +68,9 @@ def alive(pid: int) -> bool:
 
 
 def test_two_shards_share_the_port_and_keep_their_own_journals(tmp_path, capsys):
-    cfg, port = write_config(tmp_path)
-    out = tmp_path / "sharded.out"
-    proc = spawn(["run", "--config", cfg], out)
+    proc, out, cfg, port = start_daemon(tmp_path, "sharded")
     try:
-        wait_for_shards(proc, out)
-        for i in range(30):   # one connection each: the kernel spreads them over both shards
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-                client.sendmail("app@x.test", [f"u{i}@y.test"], b"Subject: s\r\n\r\nhi\r\n")
+        send_messages(port, 30)
     finally:
         status = stop(proc)
     assert status == 0
@@ -81,11 +85,8 @@ def test_two_shards_share_the_port_and_keep_their_own_journals(tmp_path, capsys)
 
 
 def test_killing_the_supervisor_kills_its_shards(tmp_path):
-    cfg, _ = write_config(tmp_path)
-    out = tmp_path / "killed.out"
-    proc = spawn(["run", "--config", cfg], out)
+    proc, out, cfg, _ = start_daemon(tmp_path, "killed")
     try:
-        wait_for_shards(proc, out)
         shards = children_of(proc.pid)
         assert len(shards) == 2
     finally:
@@ -97,14 +98,9 @@ def test_killing_the_supervisor_kills_its_shards(tmp_path):
 
 
 def test_fewer_processes_than_shards_with_mail_is_refused(tmp_path, capsys):
-    cfg, port = write_config(tmp_path)
-    out = tmp_path / "first.out"
-    proc = spawn(["run", "--config", cfg], out)
+    proc, out, cfg, port = start_daemon(tmp_path, "first")
     try:
-        wait_for_shards(proc, out)
-        for i in range(12):
-            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-                client.sendmail("app@x.test", [f"u{i}@y.test"], b"Subject: s\r\n\r\nhi\r\n")
+        send_messages(port, 12)
     finally:
         assert stop(proc) == 0
     single = tmp_path / "single.toml"
@@ -115,11 +111,8 @@ def test_fewer_processes_than_shards_with_mail_is_refused(tmp_path, capsys):
 
 
 def test_a_shard_that_dies_stops_the_daemon_with_an_error(tmp_path):
-    cfg, _ = write_config(tmp_path)
-    out = tmp_path / "dies.out"
-    proc = spawn(["run", "--config", cfg], out)
+    proc, out, cfg, _ = start_daemon(tmp_path, "dies")
     try:
-        wait_for_shards(proc, out)
         first, second = children_of(proc.pid)
         os.kill(first, signal.SIGKILL)
         status = proc.wait(15)

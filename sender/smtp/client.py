@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ssl
 from contextlib import contextmanager
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 import msgspec
 import trio
@@ -51,6 +51,11 @@ class Timeouts(msgspec.Struct, frozen=True):
     data_block: float = 180.0
     data_done: float = 600.0
     quit: float = 10.0
+
+
+class _Envelope(NamedTuple):
+    sender: str
+    rcpts: list[str]
 
 
 class TransactionResult(msgspec.Struct):
@@ -173,29 +178,27 @@ class SMTPSession:
 
     async def transaction(self, sender: str, rcpts: list[str], body: bytes) -> TransactionResult:
         """Send one message: MAIL, RCPT..., DATA in one pipelined write when the server offers
-        PIPELINING (RFC 2920), then the dot-stuffed body.
-
-        One cancel scope covers the whole transaction; its deadline moves with each phase
-        (RFC 5321 4.5.3.2), which costs far less than a scope per phase.
+        PIPELINING (RFC 2920, through :meth:`pipeline`), else one command at a time; then the
+        dot-stuffed body.
 
         Raises:
           SessionError: the session broke or a phase timed out; the outcome is unknown.
         """
+        if self.proto.pipelining:
+            results: list[TransactionResult] = []
+            await self.pipeline(_Envelope(sender, rcpts), lambda: None, lambda _: body,
+                                lambda _, res: results.append(res))
+            return results[0]
         p, t = self.proto, self.timeouts
         self.transactions += 1
         mail_cmd = MailFrom(sender, self._mail_params(sender, rcpts, body))
-        now = trio.current_time()
         phase = "MAIL/RCPT/DATA"
         result = None
         try:
-            with trio.CancelScope(deadline=now + t.mail + t.rcpt + t.data) as scope:
-                if p.pipelining:
-                    cmds = [mail_cmd, *(RcptTo(r) for r in rcpts), Data()]
-                    await self._send(p.send_many(cmds))
-                    replies = await self._replies(len(cmds))
-                    mail, rcpt_replies, data = replies[0], replies[1:-1], replies[-1]
-                else:
-                    mail, rcpt_replies, data = await self._lockstep(mail_cmd, rcpts)
+            # One cancel scope for the transaction; its deadline moves with each phase
+            # (RFC 5321 4.5.3.2), which costs far less than a scope per phase.
+            with trio.CancelScope(deadline=trio.current_time() + t.mail + t.rcpt + t.data) as scope:
+                mail, rcpt_replies, data = await self._lockstep(mail_cmd, rcpts)
                 if data is None or data.code != 354:
                     # Nothing to send: end the transaction so the session stays reusable.
                     phase = "RSET"
@@ -277,9 +280,7 @@ class SMTPSession:
             error = f"connection lost during {phase}: {e}"
         except RemoteProtocolError as e:
             error = f"protocol error during {phase}: {e}"
-        exc = SessionError(f"{self.peer}: {error}")
-        exc.unfinished = unfinished
-        raise exc
+        raise SessionError(f"{self.peer}: {error}", unfinished=unfinished)
 
     async def _lockstep(self, mail_cmd: MailFrom, rcpts: list[str]) -> tuple[Reply, list[Reply], Reply | None]:
         """MAIL, RCPT..., DATA one at a time, for servers without PIPELINING."""
