@@ -2,7 +2,7 @@
 
 Each compiled module lives inside the package next to its pure-Python twin
 (``_fast/scheduler.pyx`` -> ``sender._scheduler_c``, twin of
-``sender/_scheduler_py.py``), so both regular and editable installs
+``sender/_scheduler_py.py``; ``_fast/syncer.pyx`` -> ``sender._syncer_c``), so both regular and editable installs
 (``pip install -e .`` builds it in place under ``sender/``) import it the same way.
 
 ``SENDER_NO_EXTENSIONS=1`` builds a pure-Python package for machines without
@@ -36,13 +36,16 @@ def extensions() -> list:
         return []
     from Cython.Build import cythonize
 
-    ext = Extension(
-        "sender._scheduler_c",
-        ["_fast/scheduler.pyx"],
-        depends=["_fast/scheduler.pyx"],  # cythonize swaps sources for the .c; keep the .pyx in sdists
-        extra_compile_args=CFLAGS,
-    )
-    return cythonize([ext], compiler_directives=DIRECTIVES)
+    exts = [
+        Extension(
+            f"sender._{name}_c",
+            [f"_fast/{name}.pyx"],
+            depends=[f"_fast/{name}.pyx"],  # cythonize swaps sources for the .c; keep the .pyx in sdists
+            extra_compile_args=CFLAGS,
+        )
+        for name in ("scheduler", "syncer")
+    ]
+    return cythonize(exts, compiler_directives=DIRECTIVES)
 
 
 setup(ext_modules=extensions())

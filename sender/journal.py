@@ -6,9 +6,9 @@ endian. Frames are only ever appended; a segment is sealed (fsynced) when the ne
 
 Every ``append()`` writes its frame at once (one ``write()`` into the page cache), so a record
 survives a crash of this process as soon as ``append()`` returns. Durability against power loss
-is group commit: ``await commit()`` waits for the writer task, which fsyncs once (in a worker
-thread, so the event loop keeps accepting) for everything written since its last fsync, then
-wakes every waiter of that batch at once. Policies:
+is group commit: ``await commit()`` waits for the writer task, which fsyncs once (on the
+:class:`~sender.syncer.Syncer` thread, so the event loop keeps accepting) for everything written
+since its last fsync, then wakes every waiter of that batch at once. Policies:
 
 - ``batch`` (default): acknowledgements wait for the group fsync; outcome records ride along.
 - ``always``: like batch, and callers also wait for outcome records (no redelivery after a
@@ -44,6 +44,7 @@ import trio
 from crc32c import crc32c
 
 from .model import Accepted, Deferred, Delivery, JournalRecord, Rec
+from .syncer import Syncer
 
 __all__ = ["Journal", "JournalCorrupt", "JournalStatistics", "Location", "SEGMENT_SUFFIX"]
 
@@ -356,6 +357,7 @@ class Journal:
             self.replay()
         if self._fd < 0:
             self._open_current()
+        syncer = Syncer()
         task_status.started()
         try:
             while True:
@@ -371,12 +373,14 @@ class Journal:
                 try:
                     if self.fsync != "never" and fds:
                         start = trio.current_time()
-                        await trio.to_thread.run_sync(_fsync_all, list(fds))
+                        syncer.start(list(fds))
+                        # Shielded: the fsync runs to its end anyway, and its result must be
+                        # read before the next request.
+                        with trio.CancelScope(shield=True):
+                            await trio.lowlevel.wait_readable(syncer.ready_fd)
+                        syncer.finish()
                         self._last_fsync = trio.current_time() - start
                         self._fsyncs += 1
-                except trio.Cancelled:
-                    done.set()  # the thread is never abandoned: the fsync did complete
-                    raise
                 except OSError:
                     # A failed fsync may have lost pages that a retry would call clean:
                     # acknowledge nothing more; the daemon stops with the error.
@@ -389,6 +393,7 @@ class Journal:
                 self._batches += 1
                 done.set()
         finally:
+            syncer.close()
             self.close()
 
     def _open_current(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import sender.scheduler
+import sender.syncer
 
 NO_EXTENSIONS = os.environ.get("SENDER_NO_EXTENSIONS") == "1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,15 +22,18 @@ def test_c_loaded():
     )
     assert sender.scheduler.TimerHeap.__module__ == "sender._scheduler_c"
     assert sender.scheduler.TokenBucket.__module__ == "sender._scheduler_c"
+    assert sender.syncer.COMPILED is True, "sender._syncer_c did not import"
+    assert sender.syncer.serve.__module__ == "sender._syncer_c"
 
 
 def test_no_extensions_env_forces_python():
     env = {**os.environ, "SENDER_NO_EXTENSIONS": "1"}
-    code = "import sender.scheduler as s; print(s.COMPILED, s.TimerHeap.__module__)"
+    code = ("import sender.scheduler as s, sender.syncer as y;"
+            "print(s.COMPILED, s.TimerHeap.__module__, y.COMPILED, y.serve.__module__)")
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["False", "sender._scheduler_py"]
+    assert out.stdout.split() == ["False", "sender._scheduler_py", "False", "sender._syncer_py"]
 
 
 def test_selector_exports_only_the_twin_api():

@@ -156,10 +156,21 @@ async def test_a_failed_fsync_acknowledges_nothing(tmp_path, monkeypatch):
     j = Journal(tmp_path, fsync="batch")
     j.replay()
 
-    def broken(fds):
-        raise OSError(5, "Input/output error")
+    class SyncsAPipe(journal_module.Syncer):
+        """fdatasync on a pipe fails for real (EINVAL), through the real fsync thread."""
 
-    monkeypatch.setattr(journal_module, "_fsync_all", broken)
+        def start(self, fds):
+            self.pipe = os.pipe()
+            super().start([self.pipe[0]])
+
+        def finish(self):
+            try:
+                super().finish()
+            finally:
+                for fd in self.pipe:
+                    os.close(fd)
+
+    monkeypatch.setattr(journal_module, "Syncer", SyncsAPipe)
     acked = []
 
     async def commit_one():
