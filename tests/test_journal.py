@@ -8,7 +8,7 @@ import os
 import pytest
 import trio
 
-from sender.journal import Journal, JournalCorrupt, segment_name
+from sender.journal import RUNWAY, Journal, JournalCorrupt, segment_name
 from sender.model import Accepted, Bounced, Deferred, Delivered, Reply
 
 
@@ -71,27 +71,52 @@ async def test_partial_recipients_and_deferral_survive_replay(tmp_path):
     assert d.rcpts == ["b@y.test"] and d.attempts == 3 and d.next_at == 500.0
 
 
-async def test_torn_tail_is_truncated_and_earlier_records_kept(tmp_path, caplog):
-    await write_all(tmp_path, [accepted(i) for i in range(20)])
+@pytest.mark.parametrize("damage", ["cut", "zeroed"])
+async def test_torn_tail_is_truncated_and_earlier_records_kept(tmp_path, caplog, damage):
+    # "cut": the file ends mid-way through the last record; "zeroed": the record's second half
+    # never reached the disk, and the runway's zeros follow it.
+    locs = await write_all(tmp_path, [accepted(i) for i in range(20)])
     seg = tmp_path / segment_name(1)
-    full = seg.stat().st_size
-    last_len = Journal(tmp_path).replay()["M00019"].length
-    cut = full - last_len // 2          # mid-way through the last record
-    os.truncate(seg, cut)
+    last = locs[-1]
+    half = last.offset + last.length // 2
+    if damage == "cut":
+        os.truncate(seg, half)
+    else:
+        with open(seg, "r+b") as f:
+            f.seek(half)
+            f.write(bytes(last.length - last.length // 2))
     with caplog.at_level(logging.WARNING, logger="sender.journal"):
         live = Journal(tmp_path).replay()
     assert sorted(live) == [f"M{i:05d}" for i in range(19)]
-    assert seg.stat().st_size == full - last_len
-    msg = caplog.text
-    assert segment_name(1) in msg and f"offset {full - last_len}" in msg
+    assert seg.stat().st_size == last.offset
+    assert segment_name(1) in caplog.text and f"offset {last.offset}" in caplog.text
 
 
 async def test_torn_header_only(tmp_path):
-    await write_all(tmp_path, [accepted(i) for i in range(3)])
+    locs = await write_all(tmp_path, [accepted(i) for i in range(3)])
     seg = tmp_path / segment_name(1)
-    with open(seg, "ab") as f:
+    with open(seg, "r+b") as f:
+        f.seek(locs[-1].offset + locs[-1].length)
         f.write(b"\x10\x00")            # two bytes of a next header
     assert sorted(Journal(tmp_path).replay()) == ["M00000", "M00001", "M00002"]
+
+
+async def test_segment_files_grow_by_zeroed_runway_and_appends_resume_at_the_data_end(tmp_path, caplog):
+    locs = await write_all(tmp_path, [accepted(i) for i in range(3)])
+    seg = tmp_path / segment_name(1)
+    assert seg.stat().st_size == RUNWAY             # zeros ahead of the frames
+    end = locs[-1].offset + locs[-1].length
+    assert seg.read_bytes()[end:] == bytes(RUNWAY - end)
+    with caplog.at_level(logging.WARNING, logger="sender.journal"):
+        more = await write_all(tmp_path, [accepted(i) for i in range(3, 6)])
+        live = Journal(tmp_path).replay()
+    assert more[0].offset == end                    # the second run wrote after the data, not the zeros
+    assert sorted(live) == [f"M{i:05d}" for i in range(6)]
+    assert caplog.text == ""                        # a runway's zeros are not damage
+    # A frame bigger than the runway is written whole, and the file grows past it.
+    big = await write_all(tmp_path, [accepted(9, body=b"b" * (RUNWAY + 10))])
+    assert seg.stat().st_size >= big[0].offset + big[0].length
+    assert Journal(tmp_path).replay()["M00009"].length == big[0].length
 
 
 async def test_corrupt_record_in_the_middle_stops_start_up(tmp_path):
@@ -138,7 +163,7 @@ async def test_read_detects_a_bad_frame(tmp_path):
     locs = await write_all(tmp_path, [accepted(1)])
     seg = tmp_path / segment_name(1)
     data = bytearray(seg.read_bytes())
-    data[-3] ^= 0x01
+    data[locs[0].offset + locs[0].length - 3] ^= 0x01
     seg.write_bytes(bytes(data))
     j = Journal(tmp_path)
     with pytest.raises(JournalCorrupt):
