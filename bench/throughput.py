@@ -248,6 +248,9 @@ class SmtpSink:
                 with self._cond:
                     self.count, self.changed_at = max(counts), now
                     self._cond.notify_all()
+            # Let updates pile up in the pipe: one read per few ms instead of one per message
+            # keeps this reader's CPU out of the figures (arrival times are late by <= 5 ms).
+            time.sleep(0.005)
 
     def wait_for(self, target: int, deadline: Deadline, what: str) -> float:
         """Block until ``target`` messages arrived; returns the arrival time of the last one."""
