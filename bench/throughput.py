@@ -536,7 +536,7 @@ def run_sender(args, sink, workdir: str, deadline: Deadline) -> dict:
     config = os.path.join(workdir, "sender.toml")
     with open(config, "w") as f:
         f.write(f'[spool]\npath = "{spool}"\nfsync = "{args.fsync}"\n\n'
-                f'[listen]\nsmtp = "127.0.0.1:{free_port() if args.processes > 1 else 0}"\n\n'
+                f'[listen]\nsmtp = "127.0.0.1:0"\n\n'
                 f'[delivery]\nconnection_limit = {args.delivery_connections or args.connections}\n\n'
                 f'[daemon]\nprocesses = {args.processes}\n\n'
                 f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{sink.port}"\n')
@@ -554,6 +554,7 @@ def run_sender(args, sink, workdir: str, deadline: Deadline) -> dict:
     time.sleep(0.1)   # let the reader thread take the last lines
     stopped = [ln for ln in proc.lines if "stopped;" in ln]
     res["stop_line"] = stopped[-1] if stopped else f"(no stop line; exit status {proc.returncode})"
+    res["shards"] = [int(m.group(1)) for ln in stopped if (m := re.search(r"accepted (\d+)", ln))]
     if proc.returncode != 0:
         raise BenchError(f"sender run exited {proc.returncode} on SIGTERM; see {workdir}/sender.stderr")
     return res
@@ -760,6 +761,8 @@ def report(args, cmdline: str, setup: str, results: dict, errors: dict) -> None:
                      f"   ({s['messages'] / s['cpu']:,.0f} msgs per CPU second)"))
         rows.append(("  daemon peak RSS (VmHWM)", f"{s['rss_mb']:>9.1f} MB"))
         rows.append(("  daemon on SIGTERM", "   " + s["stop_line"]))
+        if len(s["shards"]) > 1:
+            rows.append(("  accepted per shard", "   " + " / ".join(f"{n:,}" for n in s["shards"])))
     d = results.get("direct")
     if d:
         rows.append(("smtp-source -> smtp-sink direct", f"{rate(d):>9,.0f} msgs/s   (no queue: the ceiling)"))

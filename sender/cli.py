@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import time
 
@@ -47,6 +48,13 @@ def _shard(value: str) -> tuple[int, int]:
     return i, n
 
 
+def _fds(value: str) -> list[int]:
+    try:
+        return [int(x) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--inherit expects file descriptors like 3,4, got {value!r}") from None
+
+
 def _address(flag: str):
     def parse(value: str) -> str:
         try:
@@ -67,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repair", action="store_true", help="skip corrupt journal records instead of refusing to start")
     run.add_argument("--grace", type=float, default=30.0, help="seconds to let transactions finish on shutdown")
     run.add_argument("--shard", type=_shard, help=argparse.SUPPRESS)  # set by the supervisor
+    run.add_argument("--inherit", type=_fds, help=argparse.SUPPRESS)  # load board fd, listening socket fd
 
     sink = sub.add_parser("sink", help="run a programmable SMTP sink")
     sink.add_argument("--listen", required=True, type=_address("--listen"), help="host:port")
@@ -98,19 +107,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .daemon import check_spool_layout, run_daemon, run_supervisor, shard_config
+    from .daemon import LoadBoard, check_spool_layout, run_daemon, run_supervisor, shard_config
     from .journal import JournalCorrupt
 
     config = load_config(args.config)
-    sharded = args.shard is not None
-    if not sharded:
+    shard = None
+    if args.shard is None:
         check_spool_layout(config)
-    if sharded:
-        config = shard_config(config, *args.shard)
-    elif config.daemon.processes > 1:
-        return run_supervisor(args.config, config, repair=args.repair, grace=args.grace)
+    else:
+        if not args.inherit:
+            print("sender run: --shard is set by the supervisor, with --inherit", file=sys.stderr)
+            return 2
+        index, count = args.shard
+        config = shard_config(config, index, count)
+        board = LoadBoard(args.inherit[0], count, index)
+        shard = (socket.socket(fileno=args.inherit[1]) if len(args.inherit) > 1 else None, board)
     try:
-        trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace, reuse_port=sharded))
+        if shard is None and config.daemon.processes > 1:
+            return run_supervisor(args.config, config, repair=args.repair, grace=args.grace)
+        trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace, shard=shard))
     except BaseException as e:
         # trio wraps errors from inside nurseries in exception groups; report the cause.
         cause = _find(e, (JournalCorrupt, OSError))

@@ -166,8 +166,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             setattr(t, name, parse_duration(getattr(t, name), f"delivery.timeouts.{name}"))
         if not 1 <= self.daemon.processes <= 64:
             raise ConfigError(f"daemon.processes: must be between 1 and 64, got {self.daemon.processes}")
-        if self.daemon.processes > 1 and self.listen.smtp and parse_hostport(self.listen.smtp, "listen.smtp")[1] == 0:
-            raise ConfigError("listen.smtp: port 0 cannot be shared by several processes; name a port")
         if d.connection_limit < 1:
             raise ConfigError("delivery.connection_limit: must be at least 1")
         if d.max_deliveries_per_connection < 1:

@@ -6,10 +6,13 @@ within the grace period, flush the journal, return (the CLI then exits 0).
 
 Sharding: one Python process saturates one core long before the network does, so a daemon
 can run N independent engine processes. Each owns its journal (``spool/shard-I``) and 1/N of
-every connection limit, and all listen on the same port with SO_REUSEPORT, the kernel
-spreading client connections among them. Nothing is shared, so a shard's crash affects only
-its own in-flight messages. Children die with the supervisor (PR_SET_PDEATHSIG), so killing
-the supervisor is killing the daemon.
+every connection limit. The supervisor binds the SMTP port and hands the listening socket to
+every shard, with a :class:`LoadBoard`: a few bytes of shared memory holding each shard's open
+sessions. A shard accepts only while no sibling has fewer (applications keep long-lived
+connection pools, and SO_REUSEPORT's hashing would leave one shard with most of them), and the
+supervisor says it is listening only once every shard is. Nothing else is shared, so a shard's
+crash affects only its own in-flight messages. Children die with the supervisor
+(PR_SET_PDEATHSIG), so killing the supervisor is killing the daemon.
 """
 
 from __future__ import annotations
@@ -18,31 +21,82 @@ import ctypes
 import gc
 import logging
 import math
+import mmap
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
 import trio
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, parse_hostport
 from .engine import Engine
 from .journal import Journal
 from .inject.smtpd import serve_smtp
+from .smtp.sockets import FastListener, open_listener
 
-__all__ = ["check_spool_layout", "run_daemon", "run_supervisor", "shard_config", "spool_dirs"]
+__all__ = ["LoadBoard", "check_spool_layout", "run_daemon", "run_supervisor", "shard_config", "spool_dirs"]
 
 log = logging.getLogger("sender.daemon")
 
 
-async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.0, reuse_port: bool = False,
+class LoadBoard:
+    """Open SMTP sessions per shard, in shared memory (a memfd the shards inherit); -1 marks
+    a shard that is not listening yet. Bound to one shard (``index``), it is that shard's
+    :class:`~sender.smtp.sockets.Balance`.
+    """
+
+    def __init__(self, fd: int, count: int, index: int | None = None) -> None:
+        self.fd, self.count, self.index = fd, count, index
+        self._map = mmap.mmap(fd, 4 * count)
+        self._slots = memoryview(self._map).cast("i")
+
+    @classmethod
+    def create(cls, count: int) -> "LoadBoard":
+        fd = os.memfd_create("sender-load-board")
+        os.ftruncate(fd, 4 * count)
+        board = cls(fd, count)
+        for i in range(count):
+            board._slots[i] = -1
+        return board
+
+    def sessions(self) -> list[int]:
+        return self._slots.tolist()
+
+    def all_listening(self) -> bool:
+        return min(self._slots) >= 0
+
+    def listening(self) -> None:
+        self._slots[self.index] = 0
+
+    def admit(self) -> bool:
+        mine = self._slots[self.index]
+        return all(n < 0 or n >= mine for n in self._slots)
+
+    def opened(self) -> None:
+        self._slots[self.index] += 1
+
+    def closed(self) -> None:
+        self._slots[self.index] -= 1
+
+    def close(self) -> None:
+        self._slots.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.0,
+                     shard: tuple[socket.socket, LoadBoard] | None = None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run until SIGTERM/SIGINT (or cancellation).
 
     Args:
-      reuse_port: share the listener port with sibling shard processes.
+      shard: the listening socket that the supervisor shares among its shards, and the load
+        board bound to this shard.
       task_status: started with the engine once the listener is bound.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -57,12 +111,15 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
 
             async def listener(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 with listener_scope:
-                    await serve_smtp(engine, config.listen.smtp, reuse_port=reuse_port,
-                                     task_status=task_status)
+                    shared = None if shard is None else FastListener(shard[0], balance=shard[1])
+                    await serve_smtp(engine, config.listen.smtp, listener=shared, task_status=task_status)
 
+            if shard is not None:
+                shard[1].listening()
             if config.listen.smtp:
                 host, port = await nursery.start(listener)
-                print(f"sender: listening on {host}:{port} (SMTP)", flush=True)
+                if shard is None:
+                    print(f"sender: listening on {host}:{port} (SMTP)", flush=True)
             task_status.started(engine)
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -123,7 +180,11 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
     Returns 0 when every shard stopped cleanly, else the first non-zero exit status.
     """
     n = config.daemon.processes
-    cmd = [sys.executable, "-m", "sender", "run", "--config", config_path, "--grace", str(grace)]
+    listener = open_listener(*parse_hostport(config.listen.smtp, "listen.smtp")) if config.listen.smtp else None
+    board = LoadBoard.create(n)
+    fds = (board.fd,) if listener is None else (board.fd, listener.socket.fileno())
+    cmd = [sys.executable, "-m", "sender", "run", "--config", config_path, "--grace", str(grace),
+           "--inherit", ",".join(map(str, fds))]
     if repair:
         cmd.append("--repair")
     children: list[subprocess.Popen] = []
@@ -139,7 +200,13 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
     old = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for i in range(n):
-            children.append(subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], preexec_fn=_die_with_parent))
+            children.append(subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], pass_fds=fds,
+                                             preexec_fn=_die_with_parent))
+        while not board.all_listening() and all(c.poll() is None for c in children):
+            time.sleep(0.01)
+        if listener is not None and board.all_listening():
+            host, port = listener.socket.getsockname()[:2]
+            print(f"sender: listening on {host}:{port} (SMTP, {n} processes)", flush=True)
         status = 0
         remaining = list(children)
         while remaining:
@@ -164,3 +231,6 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
         for c in children:
             if c.poll() is None:
                 c.kill()
+        if listener is not None:
+            listener.socket.close()
+        board.close()

@@ -15,7 +15,7 @@ import trio
 from ..config import parse_hostport
 from ..engine import Engine, SpoolFull
 from ..errors import UsageError
-from ..smtp.sockets import open_listener
+from ..smtp.sockets import FastListener, open_listener
 from ..smtp.serve import Answer, IdleWatchdog, serve_session
 from ..smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
 
@@ -103,16 +103,17 @@ class _Session:
         return 250, "2.0.0", f"Ok: queued as {msg_id}"
 
 
-async def serve_smtp(engine: Engine, address: str, *, reuse_port: bool = False,
+async def serve_smtp(engine: Engine, address: str, *, listener: FastListener | None = None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Listen on ``address`` ("host:port"; port 0 picks one) until cancelled.
 
     Args:
-      reuse_port: share the port with sibling processes (sharded daemon).
+      listener: a socket already listening (a shard's, shared with its siblings), instead of
+        binding ``address``.
       task_status: started with the bound (host, port).
     """
-    host, port = parse_hostport(address, "listen.smtp")
-    listener = open_listener(host, port, reuse_port=reuse_port)
+    if listener is None:
+        listener = open_listener(*parse_hostport(address, "listen.smtp"))
     bound = listener.socket.getsockname()[:2]
     log.info("SMTP listener on %s:%d", *bound)
     watchdog = IdleWatchdog(engine.config.listen.idle_timeout)
@@ -120,8 +121,12 @@ async def serve_smtp(engine: Engine, address: str, *, reuse_port: bool = False,
     limiter = trio.CapacityLimiter(engine.config.listen.max_connections)
 
     async def limited(stream: trio.abc.Stream) -> None:
-        async with limiter:
-            await handler.handle(stream)
+        try:
+            async with limiter:
+                await handler.handle(stream)
+        finally:
+            if listener.balance is not None:
+                listener.balance.closed()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watchdog.run)

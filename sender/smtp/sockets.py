@@ -15,11 +15,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from typing import Protocol
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-__all__ = ["FastStream", "FastListener", "connect_tcp", "open_listener"]
+__all__ = ["Balance", "FastStream", "FastListener", "connect_tcp", "open_listener"]
 
 _RECV = 65536
 
@@ -128,21 +129,48 @@ async def connect_tcp(host: str, port: int, *, source: str = "") -> FastStream:
     raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
 
-class FastListener(trio.abc.Listener[FastStream]):
-    """A listening TCP socket whose ``accept`` returns :class:`FastStream` objects."""
+class Balance(Protocol):
+    """Spreads connections over processes that accept from one shared listening socket."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def admit(self) -> bool:
+        """Whether this process should take the next connection now."""
+
+    def opened(self) -> None:
+        """This process accepted a connection."""
+
+    def closed(self) -> None:
+        """A connection this process accepted has ended."""
+
+
+class FastListener(trio.abc.Listener[FastStream]):
+    """A listening TCP socket whose ``accept`` returns :class:`FastStream` objects.
+
+    With a ``balance``, a process that should leave a pending connection to a sibling waits
+    up to ``DEFER_LIMIT`` seconds for the sibling to take it, then takes it itself.
+    """
+
+    DEFER_STEP = 0.002
+    DEFER_LIMIT = 0.1
+
+    def __init__(self, sock: socket.socket, balance: Balance | None = None) -> None:
         sock.setblocking(False)
         self.socket = sock
+        self.balance = balance
         self._closed = False
 
     async def accept(self) -> FastStream:
+        deferred = 0.0
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("listener is closed")
+            if self.balance is not None and deferred < self.DEFER_LIMIT and not self.balance.admit():
+                deferred += self.DEFER_STEP
+                await trio.sleep(self.DEFER_STEP)
+                continue
             try:
                 conn, _ = self.socket.accept()
             except BlockingIOError:
+                deferred = 0.0
                 await wait_readable(self.socket)
                 continue
             except OSError as e:
@@ -152,6 +180,8 @@ class FastListener(trio.abc.Listener[FastStream]):
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
+            if self.balance is not None:
+                self.balance.opened()
             await checkpoint()
             return FastStream(conn)
 
@@ -162,18 +192,12 @@ class FastListener(trio.abc.Listener[FastStream]):
         await checkpoint()
 
 
-def open_listener(host: str, port: int, *, backlog: int = 1024, reuse_port: bool = False) -> FastListener:
-    """Bind and listen on ``host:port`` (port 0 picks a free one).
-
-    ``reuse_port`` lets several processes listen on the same port, the kernel spreading
-    connections among them (SO_REUSEPORT).
-    """
+def open_listener(host: str, port: int, *, backlog: int = 1024) -> FastListener:
+    """Bind and listen on ``host:port`` (port 0 picks a free one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
     except BaseException:
