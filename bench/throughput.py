@@ -553,7 +553,14 @@ def run_sender(args, sink, workdir: str, deadline: Deadline) -> dict:
         stop_process(proc, wait=60)
     time.sleep(0.1)   # let the reader thread take the last lines
     stopped = [ln for ln in proc.lines if "stopped;" in ln]
-    res["stop_line"] = stopped[-1] if stopped else f"(no stop line; exit status {proc.returncode})"
+    # One stop line per shard: add their counts up.
+    totals: dict[str, int] = {}
+    for ln in stopped:
+        for part in ln.split("stopped;", 1)[1].split(","):
+            what, n = part.strip().rsplit(" ", 1)
+            totals[what] = totals.get(what, 0) + int(n)
+    res["stop_line"] = ("sender: stopped; " + ", ".join(f"{what} {n}" for what, n in totals.items())
+                        if stopped else f"(no stop line; exit status {proc.returncode})")
     res["shards"] = [int(m.group(1)) for ln in stopped if (m := re.search(r"accepted (\d+)", ln))]
     if proc.returncode != 0:
         raise BenchError(f"sender run exited {proc.returncode} on SIGTERM; see {workdir}/sender.stderr")
