@@ -135,8 +135,8 @@ class DnsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class DaemonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    # Independent engine processes sharing the listener port (SO_REUSEPORT), each with its own
-    # journal under spool.path/shard-N and 1/N of each connection limit. 1 = one process.
+    # Independent engine processes sharing one listening socket (the least busy accepts), each
+    # with its own journal under spool.path/shard-N and 1/N of each connection limit.
     processes: int = 1
 
 
