@@ -3,7 +3,7 @@
 Usage:
   python bench/throughput.py [--messages 20000] [--connections 20] [--size 2048]
                              [--fsync batch] [--processes 2] [--delivery-connections 8]
-                             [--vs-postfix] [--timeout 600]
+                             [--vs-postfix [--pairs 3]] [--timeout 600]
 
 Default run: a sink (Postfix's C ``smtp-sink`` when installed, else ``sender sink``), the
 daemon (``python -m sender run``) on a temporary spool relaying everything to the sink, and N
@@ -26,7 +26,9 @@ body with the next message's envelope.
 
 With ``--vs-postfix``, against the same smtp-sink: smtp-source straight into the sink (the
 no-queue ceiling), a private loopback-only Postfix instance relaying the same load, and
-aiosmtplib on uvloop sending straight into the sink; then the ratios.
+aiosmtplib on uvloop sending straight into the sink; then the ratios. ``--pairs N`` runs
+sender and Postfix N times, alternating, and adds the median of the N ratios: this machine's
+speed drifts by ±15% within minutes, so single runs of either side are not comparable.
 
 Everything it starts is stopped by PID in ``finally`` blocks, or by the global timeout, which
 also makes the script exit non-zero. All traffic stays on 127.0.0.1.
@@ -35,6 +37,7 @@ also makes the script exit non-zero. All traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -532,6 +535,7 @@ def inject(port: int, args, sink, deadline: Deadline, what: str, sample: bool = 
 # ---------------------------------------------------------------------------- sender
 
 def run_sender(args, sink, workdir: str, deadline: Deadline) -> dict:
+    workdir = tempfile.mkdtemp(prefix="sender-", dir=workdir)     # a fresh spool for each run
     spool = os.path.join(workdir, "spool")
     config = os.path.join(workdir, "sender.toml")
     with open(config, "w") as f:
@@ -687,10 +691,13 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+_RUNS = itertools.count(1)
+
+
 def run_postfix(args, sink, workdir: str, deadline: Deadline) -> dict:
     if os.geteuid() != 0:
         raise BenchError("postfix: a private instance needs root")
-    pf = PostfixInstance(os.path.join(workdir, "postfix"), sink.port, args.connections)
+    pf = PostfixInstance(os.path.join(workdir, f"postfix-{next(_RUNS)}"), sink.port, args.connections)
     try:
         pf.start(deadline)
         res = inject(pf.port, args, sink, deadline, "postfix")
@@ -793,6 +800,16 @@ def report(args, cmdline: str, setup: str, results: dict, errors: dict) -> None:
     if s and a:
         ratios.append(("msgs per CPU-s: sender / aiosmtplib",
                        f"{(s['messages'] / s['cpu']) / (a['messages'] / a['cpu']):>9.2f}x"))
+    pairs = [(results.get("sender" if k == 1 else f"sender {k}"), results.get("postfix" if k == 1 else f"postfix {k}"))
+             for k in range(1, args.pairs + 1)]
+    pairs = [(rate(sp), rate(pp)) for sp, pp in pairs if sp and pp]
+    if len(pairs) > 1:
+        for k, (sr, pr) in enumerate(pairs, 1):
+            rows.append((f"pair {k}: sender / postfix", f"{sr:>9,.0f} / {pr:,.0f} msgs/s = {sr / pr:.2f}x"))
+        ordered = sorted(sr / pr for sr, pr in pairs)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        ratios.append((f"sender / postfix, median of {len(pairs)} pairs", f"{median:>9.2f}x"))
     width = max(len(r[0]) for r in rows + ratios) if rows else 0
     print()
     print(f"command: {cmdline}")
@@ -818,13 +835,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--delivery-connections", type=int, default=8,
                    help="sender's delivery connection_limit (fewer, busier connections pipeline more)")
     p.add_argument("--vs-postfix", action="store_true", help="also measure smtp-source direct, Postfix, aiosmtplib")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="with --vs-postfix: run sender and Postfix this many times, alternating, and "
+                        "report the median ratio (a shared machine's speed drifts between runs)")
     p.add_argument("--timeout", type=float, default=600.0, help="global limit in seconds for the whole run")
     p.add_argument("--python-only", action="store_true",
                    help="use sender's sink and the Python injector even if Postfix's tools are installed")
     p.add_argument("--aiosmtplib-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.messages < 1 or a.connections < 1 or a.size < 1 or a.timeout <= 0:
-        p.error("--messages, --connections, --size and --timeout must be positive")
+    if a.messages < 1 or a.connections < 1 or a.size < 1 or a.timeout <= 0 or a.pairs < 1:
+        p.error("--messages, --connections, --size, --timeout and --pairs must be positive")
+    if a.pairs > 1 and not a.vs_postfix:
+        p.error("--pairs needs --vs-postfix")
     if a.python_only and a.vs_postfix:
         p.error("--python-only and --vs-postfix exclude each other")
     return a
@@ -870,6 +892,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("postfix", lambda: run_postfix(args, sink, workdir, deadline)),
                 ("aiosmtplib", lambda: run_aiosmtplib(args, sink, deadline)),
             ]
+            for k in range(2, args.pairs + 1):
+                phases += [(f"sender {k}", lambda: run_sender(args, sink, workdir, deadline)),
+                           (f"postfix {k}", lambda: run_postfix(args, sink, workdir, deadline))]
         for name, phase in phases:
             print(f"throughput: {name} ...", file=sys.stderr, flush=True)
             try:
