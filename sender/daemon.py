@@ -39,7 +39,8 @@ from .journal import Journal
 from .inject.smtpd import serve_smtp
 from .smtp.sockets import FastListener, open_listener
 
-__all__ = ["LoadBoard", "check_spool_layout", "run_daemon", "run_supervisor", "shard_config", "spool_dirs"]
+__all__ = ["LoadBoard", "check_spool_layout", "run_daemon", "run_supervisor", "set_scheduling", "shard_config",
+           "spool_dirs"]
 
 log = logging.getLogger("sender.daemon")
 
@@ -107,6 +108,7 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
             # collector's scans, and collect the young generation less often under load.
             gc.freeze()
             gc.set_threshold(20_000, 50, 100)
+            set_scheduling(config.daemon.scheduling)
             listener_scope = trio.CancelScope()
 
             async def listener(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -130,6 +132,17 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
     st = engine.statistics()
     print(f"sender: stopped; accepted {st.accepted}, delivered {st.delivered}, deferred {st.deferred}, "
           f"bounced {st.bounced}, expired {st.expired}, still queued {st.live_messages}", flush=True)
+
+
+def set_scheduling(policy: str) -> None:
+    """Apply ``daemon.scheduling`` to the calling thread (the event loop's); the fsync thread
+    keeps the normal policy, so its wake-ups stay prompt."""
+    if policy != "batch":
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as e:   # not Linux, or not allowed
+        log.warning("daemon.scheduling = \"batch\" not applied: %s", e)
 
 
 def shard_config(config: Config, index: int, count: int) -> Config:

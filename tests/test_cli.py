@@ -7,6 +7,7 @@ In-process calls to ``sender.cli.main`` for argument and config handling; subpro
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import socket
@@ -52,6 +53,7 @@ def test_run_with_a_missing_config_names_the_file(tmp_path, capsys):
     ('[listen]\nsmtp = "nonsense"\n', "listen.smtp"),
     ('[[route]]\nmatch = "*"\nrelay = "mx:99999"\n', "route[0].relay"),
     ('[spool]\nfsync = "sometimes"\n', "spool.fsync"),
+    ('[daemon]\nscheduling = "fast"\n', "daemon.scheduling"),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, toml, key):
     path = tmp_path / "bad.toml"
@@ -165,6 +167,17 @@ def test_run_accepts_mail_and_stops_on_sigterm_with_status_0(tmp_path, capsys):
     # The relay was unreachable: the message is still in the spool after the stop.
     assert main(["queue", "--spool", str(tmp_path / "spool"), "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out)["messages"] == 1
+
+
+@pytest.mark.parametrize("scheduling, policy", [("batch", os.SCHED_BATCH), ("normal", os.SCHED_OTHER)])
+def test_run_applies_the_scheduling_policy_to_its_event_loop(tmp_path, scheduling, policy):
+    out = tmp_path / "run.out"
+    proc = spawn(["run", "--config", write_config(tmp_path, f'[daemon]\nscheduling = "{scheduling}"\n')], out)
+    try:
+        wait_for_line(proc, out, LISTENING)
+        assert os.sched_getscheduler(proc.pid) == policy
+    finally:
+        stop(proc, signal.SIGKILL)
 
 
 def corrupt_spool(spool) -> None:
