@@ -225,7 +225,7 @@ class Journal:
         self._sizes[seg] = end
 
     def _scan(self, seg: int, name: str, mm: mmap.mmap, size: int, live: dict[str, Delivery], *,
-              last: bool, repair: bool, read_only: bool) -> int | None:
+              last: bool, repair: bool, read_only: bool) -> tuple[int, bool]:
         """The replay loop; returns where the segment's frames end and whether to truncate
         the file there (a torn tail)."""
         mv = memoryview(mm)

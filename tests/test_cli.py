@@ -240,7 +240,8 @@ def test_corrupt_journal_is_reported_in_one_line_without_a_traceback(tmp_path):
     assert "Traceback" not in err
 
 
-def test_port_in_use_is_reported_in_one_line(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])     # 2: the supervisor binds
+def test_port_in_use_is_reported_in_one_line(tmp_path, processes):
     import socket
 
     with socket.socket() as busy:
@@ -248,7 +249,8 @@ def test_port_in_use_is_reported_in_one_line(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         cfg = tmp_path / "busy.toml"
-        cfg.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n[listen]\nsmtp = "127.0.0.1:{port}"\n')
+        cfg.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n[listen]\nsmtp = "127.0.0.1:{port}"\n'
+                       f'[daemon]\nprocesses = {processes}\n')
         status, err = run_until_exit(["run", "--config", str(cfg)], tmp_path / "busy.out")
     assert status == 1
     assert err.startswith(f"sender run: cannot listen on 127.0.0.1:{port}:"), err
