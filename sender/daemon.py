@@ -121,7 +121,7 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
             if config.listen.smtp:
                 host, port = await nursery.start(listener)
                 if shard is None:
-                    print(f"sender: listening on {host}:{port} (SMTP)", flush=True)
+                    _say(f"sender: listening on {host}:{port} (SMTP)")
             task_status.started(engine)
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -130,8 +130,15 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
             await engine.shutdown(grace)
             nursery.cancel_scope.cancel()
     st = engine.statistics()
-    print(f"sender: stopped; accepted {st.accepted}, delivered {st.delivered}, deferred {st.deferred}, "
-          f"bounced {st.bounced}, expired {st.expired}, still queued {st.live_messages}", flush=True)
+    _say(f"sender: stopped; accepted {st.accepted}, delivered {st.delivered}, deferred {st.deferred}, "
+          f"bounced {st.bounced}, expired {st.expired}, still queued {st.live_messages}")
+
+
+def _say(line: str) -> None:
+    """One status line in one write: shards share stdout, and with unbuffered output print()
+    writes the text and the newline separately, so two shards' lines could interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def set_scheduling(policy: str) -> None:
@@ -219,7 +226,7 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
             time.sleep(0.01)
         if listener is not None and board.all_listening():
             host, port = listener.socket.getsockname()[:2]
-            print(f"sender: listening on {host}:{port} (SMTP, {n} processes)", flush=True)
+            _say(f"sender: listening on {host}:{port} (SMTP, {n} processes)")
         status = 0
         remaining = list(children)
         while remaining:
