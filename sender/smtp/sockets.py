@@ -26,8 +26,8 @@ from typing import Protocol
 import outcome
 import trio
 from trio.lowlevel import (Abort, RunVar, cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled,
-                           current_task, reschedule,
-                           spawn_system_task, wait_readable, wait_task_rescheduled, wait_writable)
+                           current_task, reschedule, spawn_system_task, wait_readable,
+                           wait_task_rescheduled, wait_writable)
 
 __all__ = ["Balance", "EdgePoller", "FastStream", "FastListener", "connect_tcp", "open_listener"]
 
