@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import threading
 from collections.abc import Sequence
 
+from ._twins import pick
+
 __all__ = ["COMPILED", "MAX_FDS", "Syncer"]
 
-if os.environ.get("SENDER_NO_EXTENSIONS") == "1" or sys.implementation.name != "cpython":
-    from ._syncer_py import MAX_FDS, serve
-
-    COMPILED = False
-else:
-    try:
-        from ._syncer_c import MAX_FDS, serve
-
-        COMPILED = True
-    except ImportError:
-        from ._syncer_py import MAX_FDS, serve
-
-        COMPILED = False
+_twin, COMPILED = pick("_syncer_c", "_syncer_py")
+MAX_FDS, serve = _twin.MAX_FDS, _twin.serve
 
 _STOP = struct.pack("=i", -1)
 
