@@ -260,3 +260,30 @@ async def test_connections_leave_from_the_configured_source_address(tmp_path):
             await until(lambda: engine.counts["delivered"] == 1, step=0.01)
         n.cancel_scope.cancel()
     assert sink.messages[0]["peer"].startswith("127.0.0.2:")
+
+
+async def test_an_idle_session_is_reused_then_closed_after_idle_timeout(tmp_path, autojump_clock):
+    sink = Sink([])
+    async with trio.open_nursery() as n:
+        engine = await start(n, make_config(tmp_path, [("*", "mx:25")], idle_timeout=5), Sinks(mx=sink))
+
+        def pool():
+            (stats,) = engine.dispatcher.statistics()
+            return stats
+
+        await engine.submit("a@x.test", ["u1@y.test"], BODY)
+        await until(lambda: engine.counts["delivered"] == 1)
+        await until(lambda: pool().idle == 1)
+        await trio.sleep(3)                          # within idle_timeout: the session is reused
+        await engine.submit("a@x.test", ["u2@y.test"], BODY)
+        await until(lambda: engine.counts["delivered"] == 2)
+        assert pool().sessions_opened == 1
+        await until(lambda: pool().idle == 1)
+        idle_since = trio.current_time()
+        with trio.fail_after(30):
+            await until(lambda: pool().workers == 0)  # QUIT after idle_timeout (reaped each second)
+        assert 5 <= trio.current_time() - idle_since <= 6.5
+        await engine.submit("a@x.test", ["u3@y.test"], BODY)
+        await until(lambda: engine.counts["delivered"] == 3)
+        assert pool().sessions_opened == 2
+        n.cancel_scope.cancel()
