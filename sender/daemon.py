@@ -65,9 +65,6 @@ class LoadBoard:
             board._slots[i] = -1
         return board
 
-    def sessions(self) -> list[int]:
-        return self._slots.tolist()
-
     def all_listening(self) -> bool:
         return min(self._slots) >= 0
 

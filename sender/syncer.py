@@ -24,7 +24,7 @@ __all__ = ["COMPILED", "MAX_FDS", "Syncer"]
 _twin, COMPILED = pick("_syncer_c", "_syncer_py")
 MAX_FDS, serve = _twin.MAX_FDS, _twin.serve
 
-_STOP = struct.pack("=i", -1)
+_INT = struct.Struct("=i")
 
 
 class Syncer:
@@ -75,7 +75,7 @@ class Syncer:
         """
         if not self._pending:
             raise RuntimeError("syncer: no request in flight")
-        err = struct.unpack("=i", os.read(self._reply_r, 4))[0]
+        err = _INT.unpack(os.read(self._reply_r, 4))[0]
         self._pending = False
         if err:
             raise OSError(err, f"fdatasync: {os.strerror(err)}")
@@ -85,7 +85,7 @@ class Syncer:
         if self._closed:
             return
         self._closed = True
-        os.write(self._req_w, _STOP)
+        os.write(self._req_w, _INT.pack(-1))
         self._thread.join()
         for fd in (self._req_r, self._req_w, self._reply_r, self._reply_w):
             os.close(fd)

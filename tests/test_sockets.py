@@ -82,20 +82,22 @@ async def test_closing_wakes_a_waiting_receiver_and_cancel_leaves_no_waiter():
         with pytest.raises(trio.ClosedResourceError):
             await right.receive_some()
 
-    async with trio.open_nursery() as n:
-        n.start_soon(waiter)
-        await trio.testing.wait_all_tasks_blocked()
-        await right.aclose()
+    with trio.fail_after(5):                   # a waiter nobody wakes would hang here
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            await right.aclose()
     await left.aclose()
 
 
 async def test_two_receivers_on_one_stream_are_refused():
     left, right = await stream_pair()
-    async with trio.open_nursery() as n:
-        n.start_soon(right.receive_some)
-        await trio.testing.wait_all_tasks_blocked()
-        with pytest.raises(trio.BusyResourceError):
-            await right.receive_some()
-        await left.send_all(b"x")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(right.receive_some)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await right.receive_some()
+            await left.send_all(b"x")
     await left.aclose()
     await right.aclose()
