@@ -2,7 +2,8 @@
 
 Each compiled module lives inside the package next to its pure-Python twin
 (``_fast/scheduler.pyx`` -> ``sender._scheduler_c``, twin of
-``sender/_scheduler_py.py``; ``_fast/syncer.pyx`` -> ``sender._syncer_c``), so both regular and editable installs
+``sender/_scheduler_py.py``; ``_fast/syncer.pyx`` -> ``sender._syncer_c``; ``_fast/wire.pyx`` ->
+``sender._wire_c``), so both regular and editable installs
 (``pip install -e .`` builds it in place under ``sender/``) import it the same way.
 
 ``SENDER_NO_EXTENSIONS=1`` builds a pure-Python package for machines without
@@ -43,7 +44,7 @@ def extensions() -> list:
             depends=[f"_fast/{name}.pyx"],  # cythonize swaps sources for the .c; keep the .pyx in sdists
             extra_compile_args=CFLAGS,
         )
-        for name in ("scheduler", "syncer")
+        for name in ("scheduler", "syncer", "wire")
     ]
     return cythonize(exts, compiler_directives=DIRECTIVES)
 

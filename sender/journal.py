@@ -16,6 +16,10 @@ is group commit: ``await commit()`` waits for the writer task, which fsyncs once
 since its last fsync, then wakes every waiter of that batch at once. Policies:
 
 - ``batch`` (default): acknowledgements wait for the group fsync; outcome records ride along.
+  A record that nobody waits for (``append()`` alone) does not start an fsync: it goes with
+  the next commit's, or at the latest ``LAZY_SYNC`` seconds later. A drain with no intake thus
+  costs one fsync a second instead of one per few deliveries; after a power loss, at most that
+  last second's deliveries are made again (Postfix does not fsync a finished message at all).
 - ``always``: like batch, and callers also wait for outcome records (no redelivery after a
   power loss); the engine decides which records it waits for.
 - ``never``: no fsync at all; a commit returns once its frame is written.
@@ -56,6 +60,7 @@ __all__ = ["RUNWAY", "Journal", "JournalCorrupt", "JournalStatistics", "Location
 log = logging.getLogger("sender.journal")
 
 SEGMENT_SUFFIX = ".seg"
+LAZY_SYNC = 1.0     # seconds: the longest an appended record waits for an fsync nobody asked for
 _HEADER = struct.Struct("<II")
 _HEADER_SIZE = _HEADER.size
 _MAX_FRAME = 1 << 30
@@ -166,7 +171,8 @@ class Journal:
         self._dirty = False
         self._to_sync: dict[int, bool] = {}     # fd -> close it once synced (sealed segment)
         self._batch_done = trio.Event()
-        self._wakeup = trio.Event()
+        self._appended = trio.Event()         # set by the first append after a batch
+        self._urgent = trio.Event()           # set by commit() and wait_durable()
         self._replayed = False
         self._closed = False
         self._failed = False
@@ -335,11 +341,12 @@ class Journal:
             self._extend(end)
         _write_all(self._fd, buf, offset)
         self._sizes[seg] = end
-        self._dirty = True
+        if not self._dirty:
+            self._dirty = True
+            self._appended.set()
         if isinstance(rec, Accepted):
             self.live[seg] = self.live.get(seg, 0) + 1
             self.accepted[seg] = self.accepted.get(seg, 0) + 1
-        self._wakeup.set()
         return Location(seg, offset, length)
 
     def _extend(self, end: int) -> None:
@@ -361,12 +368,14 @@ class Journal:
         """Append ``rec`` and wait until it is durable under the fsync policy."""
         loc = self.append(rec)
         if self.fsync != "never":
+            self._urgent.set()
             await self._batch_done.wait()
         return loc
 
     async def wait_durable(self) -> None:
         """Wait until everything appended so far is durable."""
         if self.fsync != "never" and (self._dirty or self._to_sync):
+            self._urgent.set()
             await self._batch_done.wait()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -382,10 +391,17 @@ class Journal:
         task_status.started()
         try:
             while True:
-                await self._wakeup.wait()
+                # At once for a waiter; records nobody waits for get up to LAZY_SYNC.
+                while not self._urgent.is_set():
+                    if self._dirty or self._to_sync:
+                        with trio.move_on_after(LAZY_SYNC):     # once per batch, not per record
+                            await self._urgent.wait()
+                        break
+                    await self._appended.wait()
+                    self._appended = trio.Event()
                 if self.batch_window:
                     await trio.sleep(self.batch_window)
-                self._wakeup = trio.Event()
+                self._urgent = trio.Event()
                 fds, self._to_sync = self._to_sync, {}
                 if self._dirty:
                     fds.setdefault(self._fd, False)

@@ -22,6 +22,7 @@ import msgspec
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..model import Reply
+from .wire import MAX_REPLY_LINE, dot_stuff, parse_reply
 
 __all__ = [
     "NEED_DATA",
@@ -206,94 +207,7 @@ ON_REPLY: dict[tuple[_Sentinel, type], tuple[int, _Sentinel, _Sentinel]] = {
 # And any 421 (RFC 5321 3.8: the server is closing the channel) moves to CLOSED.
 
 
-# --- Data ---------------------------------------------------------------------------------
-
-
-def dot_stuff(body: bytes) -> bytes:
-    """The bytes to write after a 354: ``body`` with CRLF line ends, leading dots doubled,
-    a final CRLF ensured, and the ``.\\r\\n`` terminator appended.
-
-    Bare CR and bare LF become CRLF, so the body can never end the data early or smuggle a
-    terminator past a lenient server.
-    """
-    crlf = body.count(b"\r\n")
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    body = body.replace(b"\r\n.", b"\r\n..")
-    if body[:1] == b".":
-        body = b"." + body
-    if body and body[-2:] != b"\r\n":
-        return body + b"\r\n.\r\n"
-    return body + b".\r\n"
-
-
 # --- Replies ------------------------------------------------------------------------------
-
-MAX_REPLY_LINE = 8192  # bytes per reply line, CRLF excluded
-MAX_REPLY = 65536  # bytes per (multi-line) reply, so an endless "250-" cannot eat memory
-
-_SEPARATORS = (b" ", b"-", b"")
-
-
-def _enhanced(text: bytes, cls: int) -> int:
-    """Length of the RFC 3463 code ("d.ddd.ddd") starting ``text``, or 0.
-
-    Only a code whose class digit matches the reply's first digit counts, so a "250 2.1.0"
-    gives "2.1.0" but the "5.1.1" in a 250 line stays text.
-    """
-    if len(text) < 5 or text[0] != cls or text[1] != 46 or cls == 51:  # ".", "3"
-        return 0
-    sp = text.find(b" ")
-    end = len(text) if sp < 0 else sp
-    parts = text[2:end].split(b".")
-    if len(parts) != 2:
-        return 0
-    a, b = parts
-    if 0 < len(a) <= 3 and 0 < len(b) <= 3 and a.isdigit() and b.isdigit():
-        return end
-    return 0
-
-
-def _parse_reply(buf: bytearray) -> tuple[Reply, int] | None:
-    """One complete reply from the start of ``buf`` and the bytes it used, or None if short.
-
-    Lines end in CRLF (a bare LF is tolerated). Every line must carry the same code.
-    """
-    start = 0
-    code = b""
-    enhanced = ""
-    texts = []
-    while True:
-        nl = buf.find(b"\n", start)
-        if nl < 0:
-            if len(buf) - start > MAX_REPLY_LINE:
-                raise RemoteProtocolError(f"reply line longer than {MAX_REPLY_LINE} bytes")
-            return None
-        end = nl - 1 if nl > start and buf[nl - 1] == 13 else nl
-        if end - start > MAX_REPLY_LINE:
-            raise RemoteProtocolError(f"reply line longer than {MAX_REPLY_LINE} bytes")
-        line = bytes(buf[start:end])
-        sep = line[3:4]
-        if len(line) < 3 or not line[:3].isdigit() or sep not in _SEPARATORS:
-            raise RemoteProtocolError(f"malformed reply line: {line[:80]!r}")
-        if not code:
-            code = line[:3]
-            if not b"200" <= code <= b"599":
-                raise RemoteProtocolError(f"reply code out of range: {line[:80]!r}")
-        elif line[:3] != code:
-            raise RemoteProtocolError(f"mixed codes in one reply: {code!r} then {line[:80]!r}")
-        text = line[4:]
-        n = _enhanced(text, code[0]) if text[1:2] == b"." else 0
-        if n:
-            if not enhanced:
-                enhanced = text[:n].decode()
-            text = text[n + 1 :]
-        texts.append(text.decode("utf-8", "replace"))
-        start = nl + 1
-        if sep != b"-":
-            return Reply(int(code), "\n".join(texts), enhanced), start
-        if start > MAX_REPLY:
-            raise RemoteProtocolError(f"reply longer than {MAX_REPLY} bytes")
 
 
 def parse_ehlo(reply: Reply) -> dict[str, str]:
@@ -405,7 +319,7 @@ class ClientProtocol:
             raise RemoteProtocolError(self._error)
         buf = self._buf
         try:
-            parsed = _parse_reply(buf) if buf else None
+            parsed = parse_reply(buf) if buf else None
         except RemoteProtocolError as e:
             parsed = e
         if type(parsed) is RemoteProtocolError:

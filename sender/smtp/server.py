@@ -28,6 +28,7 @@ import msgspec
 
 from ..errors import LocalProtocolError
 from .protocol import NEED_DATA
+from .wire import BARE_LINE_END, unstuff
 
 __all__ = [
     "NEED_DATA",
@@ -463,9 +464,7 @@ class ServerProtocol:
         data += self._buf
         self._buf.clear()
         self._scan = 0  # where the terminator search resumes
-        self._line_start = 2  # where the current, unchecked line begins
         self._oversize = False
-        self._long_line = False
         return None
 
     def _rset(self, arg: str):
@@ -512,11 +511,8 @@ class ServerProtocol:
             self._buf.clear()
         end = data.find(_TERMINATOR, self._scan)
         if end < 0:
-            if not self._oversize:
-                if len(data) - 2 > self.max_message_size:
-                    self._oversize = True  # stop buffering; keep looking for the end only
-                else:
-                    self._check_lines(data, len(data))
+            if not self._oversize and len(data) - 2 > self.max_message_size:
+                self._oversize = True  # stop buffering; keep looking for the end only
             if self._oversize:
                 del data[:-4]
             self._scan = max(len(data) - 4, 0)
@@ -528,37 +524,14 @@ class ServerProtocol:
             self._queue(552, "5.3.4", "Message size exceeds fixed limit")
             self._reset()
             return None
-        self._check_lines(data, end + 2)
-        with memoryview(data) as mv:
-            body = bytes(mv[2 : end + 2])  # the message with its final CRLF
-        crlf = body.count(b"\r\n")
-        if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-            self._queue(550, "5.5.2", "Message contains bare CR or LF")
-        elif self._long_line:
-            self._queue(550, "5.5.2", "Line too long")
-        else:
-            if body[:1] == b".":
-                body = body[1:]
-            body = body.replace(b"\r\n.", b"\r\n")  # RFC 5321 4.5.2: drop one leading dot
+        # The message with its final CRLF, after the virtual CRLF that _data_cmd put first.
+        body = unstuff(data, 2, end + 2, self.max_line_length)
+        if type(body) is bytes:
             self._decision = ev = MessageReceived(self._sender or "", self._rcpts, body)
             return ev
+        if body == BARE_LINE_END:
+            self._queue(550, "5.5.2", "Message contains bare CR or LF")
+        else:
+            self._queue(550, "5.5.2", "Line too long")
         self._reset()
         return None
-
-    def _check_lines(self, data: bytearray, n: int) -> None:
-        """Flag a line longer than max_line_length (CRLF included) in ``data[:n]``.
-
-        Jumps window by window to the last LF in each, so a chunk of normal lines costs a few
-        rfind calls rather than one Python step per line.
-        """
-        if self._long_line:
-            return
-        limit = self.max_line_length
-        s = self._line_start
-        while n - s >= limit:
-            nl = data.rfind(b"\n", s, s + limit)
-            if nl < 0:
-                self._long_line = True
-                return
-            s = nl + 1
-        self._line_start = s
