@@ -7,8 +7,9 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
-from sender.journal import RUNWAY, Journal, JournalCorrupt, segment_name
+from sender.journal import LAZY_SYNC, RUNWAY, Journal, JournalCorrupt, segment_name
 from sender.model import Accepted, Bounced, Deferred, Delivered, Reply
 
 
@@ -56,6 +57,31 @@ async def test_group_commit_wakes_every_waiter_with_one_fsync(tmp_path):
     assert stats.live_messages == 200
     # 200 concurrent commits were made durable by far fewer fsyncs.
     assert 1 <= stats.fsyncs < 20
+
+
+async def test_a_record_nobody_waits_for_is_synced_lazily(tmp_path, autojump_clock):
+    """Outcome records do not start an fsync of their own: they go with the next commit's,
+    or LAZY_SYNC seconds later at the latest."""
+    j = Journal(tmp_path, fsync="batch")
+    j.replay()
+    done = Delivered("M00000", ["u0@y.test"], 2000.0, Reply(250, "ok", "2.0.0"))
+    async with trio.open_nursery() as n:
+        await n.start(j.run)
+        await j.commit(accepted(0))
+        base = j.statistics().fsyncs
+        j.append(done)
+        await trio.sleep(LAZY_SYNC / 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert j._dirty and j.statistics().fsyncs == base   # nobody waits: not taken yet
+        for _ in range(200):                            # the fsync itself takes real time
+            if j.statistics().fsyncs > base:
+                break
+            await trio.sleep(0.05)
+        assert j.statistics().fsyncs == base + 1
+        j.append(done)
+        await j.commit(accepted(1))                     # a commit takes it along at once
+        assert j.statistics().fsyncs == base + 2
+        n.cancel_scope.cancel()
 
 
 async def test_partial_recipients_and_deferral_survive_replay(tmp_path):
