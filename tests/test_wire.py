@@ -59,12 +59,16 @@ def test_parse_reply_errors(wire_twin, raw, error):
 
 @pytest.mark.parametrize("body, out", [
     (b"", b".\r\n"),
+    (b"\r\n", b"\r\n.\r\n"),
     (b"a\r\n", b"a\r\n.\r\n"),
     (b"a", b"a\r\n.\r\n"),
     (b".\r\n", b"..\r\n.\r\n"),
-    (b"a\r\n.\r\n..b\r\n.", b"a\r\n..\r\n...b\r\n..\r\n.\r\n"),
+    (b".a\r\n..b\r\nc.\r\n", b"..a\r\n...b\r\nc.\r\n.\r\n"),
+    (b"a\r\n.\r\nb", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\n.\nb\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r.\rb", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\r\r\nb\r\n", b"a\r\n\r\nb\r\n.\r\n"),
     (b"a\nb\rc\r\r\n", b"a\r\nb\r\nc\r\n\r\n.\r\n"),
-    (b"x\n.\n", b"x\r\n..\r\n.\r\n"),
 ])
 def test_dot_stuff(wire_twin, body, out):
     assert wire_twin.dot_stuff(body) == out
