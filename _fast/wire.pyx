@@ -13,6 +13,7 @@ scans instead of five full passes in Python.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_DecodeASCII, PyUnicode_DecodeUTF8
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.string cimport memchr, memcpy
 
 from sender.errors import RemoteProtocolError
@@ -36,8 +37,10 @@ cdef inline bint _has_cr(const char* p, Py_ssize_t n) noexcept nogil:
     return n > 0 and memchr(p, 13, n) != NULL
 
 
-cdef Py_ssize_t _stuffed_dots(const char* p, Py_ssize_t n) noexcept nogil:
-    """Lines starting with "." in p[:n], or -1 if a CR or LF is not part of a CRLF."""
+cdef Py_ssize_t _scan(const char* p, Py_ssize_t n, Py_ssize_t max_line, bint* too_long) noexcept nogil:
+    """Lines in p[:n] that start with ".", or -1 if a CR or LF is not part of a CRLF. Sets
+    ``too_long`` if a line with its line end is longer than ``max_line`` (a last line without
+    one counts as if it had it)."""
     cdef Py_ssize_t s = 0, nl, dots = 0
     cdef const char* q
     while s < n:
@@ -45,12 +48,16 @@ cdef Py_ssize_t _stuffed_dots(const char* p, Py_ssize_t n) noexcept nogil:
         if q == NULL:
             if _has_cr(p + s, n - s):
                 return -1
+            if n - s >= max_line:
+                too_long[0] = True
             if p[s] == 46:
                 dots += 1
             break
         nl = q - p
         if nl == s or p[nl - 1] != 13 or _has_cr(p + s, nl - 1 - s):
             return -1
+        if nl - s + 1 > max_line:
+            too_long[0] = True
         if p[s] == 46:
             dots += 1
         s = nl + 1
@@ -60,13 +67,14 @@ cdef Py_ssize_t _stuffed_dots(const char* p, Py_ssize_t n) noexcept nogil:
 def dot_stuff(bytes body not None):
     cdef const char* p = PyBytes_AS_STRING(body)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
-    cdef Py_ssize_t dots = _stuffed_dots(p, n)
+    cdef bint too_long = False          # no line limit when sending
+    cdef Py_ssize_t dots = _scan(p, n, PY_SSIZE_T_MAX, &too_long)
     if dots < 0:
         # Rare: normalize bare CR and LF to CRLF first, as the Python twin does.
         body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         p = PyBytes_AS_STRING(body)
         n = PyBytes_GET_SIZE(body)
-        dots = _stuffed_dots(p, n)
+        dots = _scan(p, n, PY_SSIZE_T_MAX, &too_long)
     cdef bint crlf_end = n >= 2 and p[n - 2] == 13 and p[n - 1] == 10
     cdef Py_ssize_t tail = 5 if n and not crlf_end else 3
     out = PyBytes_FromStringAndSize(NULL, n + dots + tail)
@@ -107,27 +115,12 @@ def unstuff(data, Py_ssize_t start, Py_ssize_t end, Py_ssize_t max_line):
     if max_line < 1:
         raise ValueError(f"unstuff: max_line must be at least 1, got {max_line}")
     cdef const char* p = base + start
-    cdef Py_ssize_t n = end - start, s = 0, nl, dots = 0
+    cdef Py_ssize_t n = end - start, s, dots
     cdef bint too_long = False
     cdef const char* q
-    while s < n:
-        q = <const char*>memchr(p + s, 10, n - s)
-        if q == NULL:
-            if _has_cr(p + s, n - s):
-                return _BARE
-            if n - s >= max_line:
-                too_long = True
-            if p[s] == 46:
-                dots += 1
-            break
-        nl = q - p
-        if nl == s or p[nl - 1] != 13 or _has_cr(p + s, nl - 1 - s):
-            return _BARE
-        if nl - s + 1 > max_line:
-            too_long = True
-        if p[s] == 46:
-            dots += 1
-        s = nl + 1
+    dots = _scan(p, n, max_line, &too_long)
+    if dots < 0:
+        return _BARE
     if too_long:
         return _LONG
     if dots == 0:
