@@ -384,3 +384,269 @@ class TwinsAgree(RuleBasedStateMachine):
 
 TestTwinsAgree = pytest.mark.skipif(NO_EXTENSIONS, reason="SENDER_NO_EXTENSIONS=1")(TwinsAgree.TestCase)
 TestTwinsAgree.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)
+
+
+# --- Scheduler: queues behind token buckets ------------------------------------
+
+
+def drain(s, now=0.0, until=INF):
+    """Pop everything that can go before ``until``, jumping the clock to each wake-up as a trio
+    task sleeping on ``next_wakeup()`` would; returns [(time, queue, item)]."""
+    out = []
+    while len(s):
+        got = s.pop(now)
+        if got is None:
+            now = s.next_wakeup()
+            assert now > -INF
+            if now == INF or now >= until:
+                break
+            continue
+        out.append((now, *got))
+    return out
+
+
+def test_domain_limit_never_exceeded_in_any_minute(sched):
+    s = sched.Scheduler()
+    domain = s.add_bucket("domain:example.com", 10 / 60, 1.0, 0.0)
+    q = s.add_queue([domain])
+    for i in range(1000):
+        s.push(q, i, 0.0)
+    sent = drain(s)
+    assert [item for _, _, item in sent] == list(range(1000))
+    times = [t for t, _, _ in sent]
+    j = 0
+    for i, t in enumerate(times):       # every window [t, t + 60)
+        while j < len(times) and times[j] < t + 60:
+            j += 1
+        assert j - i <= 10
+    assert times[-1] == pytest.approx(999 * 6.0)       # and the limit is used in full
+
+
+def test_a_blocked_queue_never_delays_another(sched):
+    s = sched.Scheduler()
+    slow = s.add_bucket("provider:slow", 1 / 3600, 1.0, 0.0)
+    s_q, fast_q = s.add_queue([slow]), s.add_queue([])
+    for i in range(100):
+        s.push(s_q, ("slow", i), 0.0)
+        s.push(fast_q, ("fast", i), 0.0)
+    first = drain(s, until=1.0)
+    assert [item for _, q, item in first if q == fast_q] == [("fast", i) for i in range(100)]
+    assert [item for _, q, item in first if q == s_q] == [("slow", 0)]
+    assert all(t == 0.0 for t, _, _ in first)
+    assert s.held(s_q, 0.0) == (slow, pytest.approx(3600.0))
+    assert s.bucket_name(s.held(s_q, 0.0)[0]) == "provider:slow"
+    assert s.held(fast_q, 0.0) is None
+    assert s.bucket_waiters(slow) == 1
+
+
+def test_shared_bucket_holds_across_queues_which_take_turns(sched):
+    s = sched.Scheduler()
+    customer = s.add_bucket("customer:acme", 2.0, 1.0, 0.0)
+    queues = [s.add_queue([customer, s.add_bucket(f"domain:{d}", 100.0, 1.0, 0.0)]) for d in "abc"]
+    for q in queues:
+        for i in range(4):
+            s.push(q, i, 0.0)
+    sent = drain(s)
+    assert [t for t, _, _ in sent] == pytest.approx([i * 0.5 for i in range(12)])
+    assert [q for _, q, _ in sent] == queues * 4           # round robin, no queue starves
+
+
+def test_higher_priority_goes_first_within_the_same_limits(sched):
+    s = sched.Scheduler()
+    customer = s.add_bucket("customer:acme", 1.0, 1.0, 0.0)
+    marketing, receipts = s.add_queue([customer]), s.add_queue([customer])
+    for i in range(5):
+        s.push(marketing, ("bulk", i), 0.0, priority=0)
+    s.push(marketing, ("urgent-same-queue", 0), 0.0, priority=5)
+    for i in range(3):
+        s.push(receipts, ("receipt", i), 0.0, priority=10)
+    order = [item for _, _, item in drain(s)]
+    assert order[:4] == [("receipt", 0), ("receipt", 1), ("receipt", 2), ("urgent-same-queue", 0)]
+    assert order[4:] == [("bulk", i) for i in range(5)]
+
+
+def test_future_due_waits_in_the_timer_heap(sched):
+    s = sched.Scheduler()
+    q = s.add_queue([])
+    s.push(q, "later", 0.0, due=30.0)
+    s.push(q, "now", 0.0)
+    assert s.scheduled() == 1 and len(s) == 2 and s.queue_length(q) == 1
+    assert s.pop(0.0) == (q, "now")
+    assert s.pop(29.9) is None
+    assert s.next_wakeup() == 30.0
+    assert s.pop(30.0) == (q, "later")
+    assert len(s) == 0 and s.next_wakeup() == INF
+
+
+def test_next_wakeup_is_minus_inf_when_something_can_go(sched):
+    s = sched.Scheduler()
+    q = s.add_queue([])
+    assert s.next_wakeup() == INF
+    s.push(q, 1, 0.0)
+    assert s.next_wakeup() == -INF
+
+
+def test_rate_change_retimes_the_waiters(sched):
+    s = sched.Scheduler()
+    b = s.add_bucket("ip:127.0.0.2", 1 / 100, 1.0, 0.0)
+    q = s.add_queue([b])
+    s.push(q, 1, 0.0)
+    s.push(q, 2, 0.0)
+    assert s.pop(0.0) == (q, 1) and s.pop(0.0) is None
+    assert s.next_wakeup() == pytest.approx(100.0)
+    s.set_bucket(b, 1.0, 1.0, 10.0)      # 10 s at 0.01/s = 0.1 token, then 1/s: 0.9 s more
+    assert s.bucket_rate(b) == 1.0
+    assert s.next_wakeup() == pytest.approx(10.9)
+    assert s.pop(10.9) == (q, 2)
+    s.set_bucket(b, INF, 1.0, 11.0)       # lifted: unlimited
+    for i in range(100):
+        s.push(q, i, 11.0)
+    assert len(drain(s, 11.0, until=11.0)) == 100
+
+
+def test_pause_holds_a_bucket_until_it_ends(sched):
+    s = sched.Scheduler()
+    b = s.add_bucket("site:mx.example", INF, 1.0, 0.0)
+    q = s.add_queue([b])
+    s.pause_bucket(b, 60.0, 0.0)
+    s.push(q, "x", 0.0)
+    assert s.pop(0.0) is None
+    assert s.held(q, 0.0) == (b, 60.0)
+    assert s.pop(59.0) is None
+    assert s.pop(60.0) == (q, "x")
+    s.pause_bucket(b, INF, 60.0)
+    s.push(q, "y", 60.0)
+    assert s.pop(1e9) is None and s.next_wakeup() == INF
+    s.pause_bucket(b, -INF, 100.0)         # lifted by hand
+    assert s.next_wakeup() == 100.0
+    assert s.pop(100.0) == (q, "y")
+
+
+def test_new_buckets_for_a_queue_release_it(sched):
+    s = sched.Scheduler()
+    old = s.add_bucket("domain:old", 1 / 3600, 1.0, 0.0)
+    q = s.add_queue([old])
+    for i in range(3):
+        s.push(q, i, 0.0)
+    assert s.pop(0.0) == (q, 0) and s.pop(0.0) is None
+    s.set_queue_buckets(q, [], 1.0)
+    assert s.bucket_waiters(old) == 0
+    assert [item for _, _, item in drain(s, 1.0, until=1.0)] == [1, 2]
+
+
+def test_scheduler_errors_name_what_is_wrong(sched):
+    s = sched.Scheduler()
+    with pytest.raises(ValueError, match="^rate "):
+        s.add_bucket("x", 0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="^burst "):
+        s.add_bucket("x", 1.0, 0.0, 0.0)
+    with pytest.raises(IndexError, match="no bucket 3"):
+        s.add_queue([3])
+    q = s.add_queue([])
+    with pytest.raises(IndexError, match="no queue 7"):
+        s.push(7, "x", 0.0)
+    with pytest.raises(ValueError, match="due must not be NaN"):
+        s.push(q, "x", 0.0, due=NAN)
+    with pytest.raises(TypeError):
+        s.push(q, "x", "now")
+    assert len(s) == 0
+
+
+def test_scheduler_releases_items(sched):
+    class Item:
+        pass
+
+    s = sched.Scheduler()
+    q = s.add_queue([])
+    refs = []
+    for due in (0.0, 5.0):
+        item = Item()
+        refs.append(weakref.ref(item))
+        s.push(q, item, 0.0, due=due)
+        del item
+    assert s.pop(0.0) is not None and s.pop(5.0) is not None
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
+class SchedulersAgree(RuleBasedStateMachine):
+    """Same operations on both Scheduler twins: identical pops, holds, wake-ups and errors."""
+
+    def __init__(self):
+        super().__init__()
+        self.twins = [importlib.import_module(f"sender._scheduler_{n}").Scheduler() for n in ("c", "py")]
+        self.now = 0.0
+        self.n_buckets = 0
+        self.n_queues = 0
+        self.items = 0
+
+    def same(self, method, *args):
+        got = [outcome(getattr(s, method), *args) for s in self.twins]
+        assert got[0] == got[1], (method, args, got)
+        return got[0]
+
+    @rule(rate=st.one_of(st.floats(0.01, 100.0), st.sampled_from([INF, 0.0, NAN])),
+          burst=st.one_of(st.floats(1.0, 5.0), st.sampled_from([1.0, 0.5])))
+    def add_bucket(self, rate, burst):
+        if self.same("add_bucket", f"b{self.n_buckets}", rate, burst, self.now)[0] == "ok":
+            self.n_buckets += 1
+
+    @rule(data=st.data())
+    def add_queue(self, data):
+        ids = data.draw(st.lists(st.integers(0, self.n_buckets), max_size=4, unique=True))
+        if self.same("add_queue", ids)[0] == "ok":
+            self.n_queues += 1
+
+    @precondition(lambda self: self.n_queues)
+    @rule(data=st.data(), priority=st.integers(-2, 2), later=st.one_of(st.just(0.0), st.floats(0.0, 20.0)))
+    def push(self, data, priority, later):
+        self.items += 1
+        qid = data.draw(st.integers(0, self.n_queues))
+        self.same("push", qid, self.items, self.now, priority, self.now + later)
+
+    @rule(n=st.integers(1, 8))
+    def pop(self, n):
+        for _ in range(n):
+            self.same("pop", self.now)
+
+    @rule(dt=st.one_of(st.floats(0.0, 5.0), st.just(0.0)))
+    def tick(self, dt):
+        self.now += dt
+
+    @rule()
+    def jump_to_wakeup(self):
+        t = self.same("next_wakeup")[1]
+        if self.now < t < INF:
+            self.now = t
+
+    @precondition(lambda self: self.n_buckets)
+    @rule(data=st.data(), rate=st.one_of(st.floats(0.01, 100.0), st.just(INF)), burst=st.floats(1.0, 5.0))
+    def set_bucket(self, data, rate, burst):
+        self.same("set_bucket", data.draw(st.integers(0, self.n_buckets - 1)), rate, burst, self.now)
+
+    @precondition(lambda self: self.n_buckets)
+    @rule(data=st.data(), pause=st.one_of(st.floats(0.0, 30.0), st.sampled_from([-INF, INF])))
+    def pause_bucket(self, data, pause):
+        self.same("pause_bucket", data.draw(st.integers(0, self.n_buckets - 1)), self.now + pause, self.now)
+
+    @precondition(lambda self: self.n_queues)
+    @rule(data=st.data())
+    def set_queue_buckets(self, data):
+        qid = data.draw(st.integers(0, self.n_queues - 1))
+        ids = data.draw(st.lists(st.integers(0, max(self.n_buckets - 1, 0)), max_size=3, unique=True))
+        self.same("set_queue_buckets", qid, ids if self.n_buckets else [], self.now)
+
+    @invariant()
+    def look_alike(self):
+        c, py = self.twins
+        assert (len(c), c.scheduled(), c.next_wakeup()) == (len(py), py.scheduled(), py.next_wakeup())
+        for qid in range(self.n_queues):
+            assert c.held(qid, self.now) == py.held(qid, self.now)
+            assert c.queue_length(qid) == py.queue_length(qid)
+        for bid in range(self.n_buckets):
+            assert c.bucket_tokens(bid, self.now) == py.bucket_tokens(bid, self.now)
+            assert c.bucket_waiters(bid) == py.bucket_waiters(bid)
+
+
+TestSchedulersAgree = pytest.mark.skipif(NO_EXTENSIONS, reason="SENDER_NO_EXTENSIONS=1")(SchedulersAgree.TestCase)
+TestSchedulersAgree.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
