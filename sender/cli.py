@@ -16,7 +16,7 @@ import time
 import orjson
 import trio
 
-from .config import ConfigError, load_config, parse_hostport
+from .config import Config, ConfigError, load_config, parse_hostport
 
 __all__ = ["main"]
 
@@ -125,7 +125,12 @@ def _cmd_run(args) -> int:
     try:
         if shard is None and config.daemon.processes > 1:
             return run_supervisor(args.config, config, repair=args.repair, grace=args.grace)
-        trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace, shard=shard))
+        def reload() -> Config:
+            fresh = load_config(args.config)
+            return fresh if args.shard is None else shard_config(fresh, *args.shard)
+
+        trio.run(lambda: run_daemon(config, repair=args.repair, grace=args.grace, shard=shard,
+                                    reload=reload if args.config else None))
     except BaseException as e:
         # trio wraps errors from inside nurseries in exception groups; report the cause.
         cause = _find(e, (JournalCorrupt, OSError))

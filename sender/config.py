@@ -24,11 +24,18 @@ __all__ = [
     "Route",
     "DnsConfig",
     "DaemonConfig",
+    "ShapingConfig",
+    "SiteShaping",
+    "ProviderShaping",
+    "DomainShaping",
+    "RateLimit",
+    "Rate",
     "load_config",
     "parse_config",
     "parse_size",
     "parse_duration",
     "parse_hostport",
+    "parse_rate",
 ]
 
 
@@ -73,6 +80,35 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> tup
     if not 0 <= int(port) <= 65535:
         raise ConfigError(f"{key}: port {port} out of range")
     return host, int(port)
+
+
+class Rate(msgspec.Struct, frozen=True):
+    """A token-bucket limit: ``per_second`` tokens a second, at most ``burst`` at once."""
+
+    per_second: float
+    burst: float
+
+
+_RATE_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
+               "hr": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_RATE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(\d*)\s*([a-z]+)\s*(?:,\s*burst\s*=\s*(\d+(?:\.\d+)?)\s*)?")
+
+
+def parse_rate(value: str, key: str) -> Rate:
+    """"100/s", "10/min", "500/h", "2000/day", "1/5min"; optionally ",burst=N".
+
+    Without a burst, a bucket holds a tenth of a second's worth (at least one message): the
+    limit is paced smoothly, and in any T seconds at most ``burst + rate * T`` go out.
+    """
+    m = _RATE_RE.fullmatch(str(value).lower())
+    if not m or m.group(3) not in _RATE_UNITS or float(m.group(1)) <= 0 or m.group(2) == "0":
+        raise ConfigError(f"{key}: expected a rate like \"100/s\", \"10/min\", \"500/h\" or \"2000/day\", "
+                          f"optionally \",burst=N\", got {value!r}")
+    per_second = float(m.group(1)) / (_RATE_UNITS[m.group(3)] * int(m.group(2) or 1))
+    burst = float(m.group(4)) if m.group(4) else max(1.0, per_second / 10)
+    if burst < 1:
+        raise ConfigError(f"{key}: burst must be at least 1, got {value!r}")
+    return Rate(per_second, burst)
 
 
 class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -134,6 +170,60 @@ class DnsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout: float = 5.0
 
 
+class RateLimit(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A level that only has a message rate: a customer, a recipient domain's own limit, a
+    source IP across every site."""
+
+    max_message_rate: str | None = None
+
+
+class SiteShaping(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Limits of one (source IP, site) path; unset keys fall back to the level below
+    (provider -> [shaping.default] -> [delivery])."""
+
+    connection_limit: int | None = None
+    max_connection_rate: str | None = None          # new connections, e.g. "10/s"
+    max_message_rate: str | None = None
+    max_deliveries_per_connection: int | None = None
+    idle_timeout: float | str | None = None
+    retry_interval: float | str | None = None
+    max_retry_interval: float | str | None = None
+    max_age: float | str | None = None
+    # Backoff mode: a 421 or a rate-limiting reply slows the path to this rate, and then
+    # doubles it back every backoff_step while no new one comes.
+    backoff_max_message_rate: str | None = None
+    backoff_step: float | str | None = None
+
+
+class ProviderShaping(SiteShaping, kw_only=True):
+    """A mailbox provider: the sites whose MX hosts match. ``match`` entries are ".suffix"
+    (any host under it) or an exact host name or address."""
+
+    match: list[str] = msgspec.field(default_factory=list)
+    provider_connection_limit: int | None = None    # across all its sites
+    provider_max_message_rate: str | None = None    # across all its sites and domains
+
+
+class DomainShaping(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A recipient domain: its own message rate and its retry policy."""
+
+    max_message_rate: str | None = None
+    retry_interval: float | str | None = None
+    max_retry_interval: float | str | None = None
+    max_age: float | str | None = None
+
+
+class ShapingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    default: SiteShaping = msgspec.field(default_factory=SiteShaping)
+    provider: dict[str, ProviderShaping] = msgspec.field(default_factory=dict)
+    domain: dict[str, DomainShaping] = msgspec.field(default_factory=dict)
+    customer: dict[str, RateLimit] = msgspec.field(default_factory=dict)
+    source: dict[str, RateLimit] = msgspec.field(default_factory=dict)
+    # Message type -> priority; higher goes first within the same limits.
+    priority: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"transactional": 10, "": 0, "marketing": -10})
+
+
 class DaemonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Independent engine processes sharing one listening socket (the least busy accepts), each
     # with its own journal under spool.path/shard-N and 1/N of each connection limit.
@@ -151,6 +241,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     route: list[Route] = msgspec.field(default_factory=list)
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    shaping: ShapingConfig = msgspec.field(default_factory=ShapingConfig)
 
     def __post_init__(self) -> None:
         # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.
@@ -176,10 +267,41 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("delivery.max_deliveries_per_connection: must be at least 1")
         if not 0 < d.port < 65536:
             raise ConfigError(f"delivery.port: {d.port} out of range")
+        _check_shaping(self.shaping)
         for i, r in enumerate(self.route):
             parse_hostport(r.relay, f"route[{i}].relay", default_port=d.port)
             if not r.match or " " in r.match:
                 raise ConfigError(f"route[{i}].match: expected a domain, \".suffix\" or \"*\", got {r.match!r}")
+
+
+_DURATIONS = ("idle_timeout", "retry_interval", "max_retry_interval", "max_age", "backoff_step")
+_RATES = ("max_connection_rate", "max_message_rate", "backoff_max_message_rate", "provider_max_message_rate")
+
+
+def _check_block(block: msgspec.Struct, key: str) -> None:
+    """Validate rates and normalize durations of one shaping block, naming the key."""
+    for name in _DURATIONS:
+        if getattr(block, name, None) is not None:
+            setattr(block, name, parse_duration(getattr(block, name), f"{key}.{name}"))
+    for name in _RATES:
+        if getattr(block, name, None) is not None:
+            parse_rate(getattr(block, name), f"{key}.{name}")
+    for name in ("connection_limit", "max_deliveries_per_connection", "provider_connection_limit"):
+        value = getattr(block, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}.{name}: must be at least 1, got {value}")
+
+
+def _check_shaping(sh: ShapingConfig) -> None:
+    _check_block(sh.default, "shaping.default")
+    for level in ("provider", "domain", "customer", "source"):
+        for name, block in getattr(sh, level).items():
+            _check_block(block, f"shaping.{level}.{name}")
+    for name, block in sh.provider.items():
+        for m in block.match:
+            if not m or " " in m or m == ".":
+                raise ConfigError(f"shaping.provider.{name}.match: expected \".suffix\" or a host, got {m!r}")
+    sh.domain = {d.lower(): v for d, v in sh.domain.items()}
 
 
 _KEY_RE = re.compile(r"at `\$\.?(.*?)`")

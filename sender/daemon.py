@@ -2,7 +2,9 @@
 supervisor that runs several such processes when ``daemon.processes`` > 1.
 
 On SIGTERM or SIGINT: stop accepting (close the listener), let transactions in flight finish
-within the grace period, flush the journal, return (the CLI then exits 0).
+within the grace period, flush the journal, return (the CLI then exits 0). On SIGHUP: read
+the config file again and apply its traffic shaping rules without a restart (a config with
+an error is refused whole, with the error logged, and the running rules stay).
 
 Sharding: one Python process saturates one core long before the network does, so a daemon
 can run N independent engine processes. Each owns its journal (``spool/shard-I``) and 1/N of
@@ -20,7 +22,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
-import math
 import mmap
 import os
 import signal
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import trio
@@ -89,15 +91,17 @@ class LoadBoard:
 
 async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.0,
                      shard: tuple[socket.socket, LoadBoard] | None = None,
+                     reload: Callable[[], Config] | None = None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run until SIGTERM/SIGINT (or cancellation).
 
     Args:
       shard: the listening socket that the supervisor shares among its shards, and the load
         board bound to this shard.
+      reload: reads the config again, on SIGHUP.
       task_status: started with the engine once the listener is bound.
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         engine = Engine(config, repair=repair)
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
@@ -121,6 +125,9 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
                     _say(f"sender: listening on {host}:{port} (SMTP)")
             task_status.started(engine)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reload_rules(engine, reload)
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
             listener_scope.cancel()
@@ -129,6 +136,19 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
     st = engine.statistics()
     _say(f"sender: stopped; accepted {st.accepted}, delivered {st.delivered}, deferred {st.deferred}, "
           f"bounced {st.bounced}, expired {st.expired}, still queued {st.live_messages}")
+
+
+def _reload_rules(engine: Engine, reload: Callable[[], Config] | None) -> None:
+    if reload is None:
+        log.warning("received SIGHUP: no config file to read again")
+        return
+    try:
+        config = reload()
+    except ConfigError as e:
+        log.error("received SIGHUP: config not reloaded, the running rules stay: %s", e)
+        return
+    engine.dispatcher.replace_rules(config)
+    _say("sender: shaping rules reloaded")
 
 
 def _say(line: str) -> None:
@@ -150,12 +170,11 @@ def set_scheduling(policy: str) -> None:
 
 
 def shard_config(config: Config, index: int, count: int) -> Config:
-    """The config of shard ``index`` of ``count``: its own spool, its share of the limits."""
+    """The config of shard ``index`` of ``count``: its own spool and its share of the spool
+    limit. (Each shard takes 1/count of every rate and connection limit: see shaping.Rules.)"""
     spool = msgspec.structs.replace(config.spool, path=str(Path(config.spool.path) / f"shard-{index}"),
                                     max_bytes=max(1, config.spool.max_bytes // count))
-    delivery = msgspec.structs.replace(config.delivery,
-                                       connection_limit=max(1, math.ceil(config.delivery.connection_limit / count)))
-    return msgspec.structs.replace(config, spool=spool, delivery=delivery)
+    return msgspec.structs.replace(config, spool=spool)
 
 
 def spool_dirs(path: str | os.PathLike) -> list[Path]:
@@ -192,7 +211,7 @@ def _die_with_parent() -> None:
 
 
 def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: float) -> int:
-    """Start ``daemon.processes`` shard processes, relay SIGTERM/SIGINT, wait for all.
+    """Start ``daemon.processes`` shard processes, relay SIGTERM/SIGINT/SIGHUP, wait for all.
 
     Returns 0 when every shard stopped cleanly, else the first non-zero exit status.
     """
@@ -214,7 +233,13 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
             if c.poll() is None:
                 c.send_signal(signum)
 
+    def relay_hup(signum, _frame) -> None:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
     old = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, relay_hup)
     try:
         for i in range(n):
             children.append(subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], pass_fds=fds,

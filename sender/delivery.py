@@ -3,14 +3,18 @@
 ::
 
     Dispatcher.run  (nursery)
-     ├─ retry timer loop        deferred deliveries wait in a TimerHeap until due
+     ├─ clock loop              retry timers; releases what the shaper lets go; backoff steps
      ├─ resolver tasks          one per recipient domain being resolved (routes first, then MX)
-     └─ SitePool.run  (one per destination site, its own nursery)
+     └─ SitePool.run  (one per path: source IP and destination site, its own nursery)
          └─ connection workers  up to ``connection_limit``; each owns one SMTP session and
                                 reuses it for up to ``max_deliveries_per_connection`` messages
 
-A site is where mail goes: a configured relay ``host:port`` or a domain's MX host list. Each
-site has its own queue and workers, so a slow or failing site only ever holds its own messages.
+A site is where mail goes: a configured relay ``host:port`` or the set of a domain's MX hosts,
+so all domains a provider hosts share one site and its limits. Each path has its own queue and
+workers, so a slow or failing site only ever holds its own messages.
+
+Between routing and the site pool, every delivery waits in the :class:`~sender.shaping.Shaper`
+until the customer, domain, provider, source IP and path buckets all let it go.
 
 Outcomes are decided per recipient from the replies (RCPT, then the final reply to the data)
 and reported to the owner through ``Outcomes`` callbacks, which journal them.
@@ -28,13 +32,14 @@ import outcome
 import trio
 
 from .config import Config, parse_hostport
-from .dns import make_resolver, resolve_mx
+from .dns import Resolver
 from .errors import ConnectError, DNSError, SessionError
 from .model import Delivery, Reply
-from .scheduler import TimerHeap
+from .scheduler import TimerHeap, TokenBucket
+from .shaping import Rules, RetryPolicy, Shaper, is_rate_limited
 from .smtp.client import OpenStream, SMTPSession, Timeouts, TransactionResult, open_session, opportunistic_tls_context
 
-__all__ = ["Dispatcher", "Outcomes", "SitePool", "PoolStatistics", "backoff", "match_route"]
+__all__ = ["ConnectionGate", "Dispatcher", "Outcomes", "SitePool", "PoolStatistics", "backoff", "match_route"]
 
 
 class Outcomes(Protocol):
@@ -56,13 +61,17 @@ class PoolStatistics(msgspec.Struct, frozen=True):
     idle: int
     sessions_opened: int
     transactions: int
+    provider: str = ""
+    backoff_rate: float | None = None        # messages/s while the path is in backoff
 
 
 def backoff(attempts: int, base: float, cap: float) -> float:
-    """Delay before retry number ``attempts`` (1-based): exponential, capped, jittered over its
-    upper half so that retries of a burst spread out but never come early."""
+    """Delay before retry number ``attempts`` (1-based): exponential up to ``cap``, with full
+    jitter (uniform over the interval) so that the retries of a burst spread out, but never
+    sooner than half the base interval (a greylisting server needs the wait)."""
     interval = min(cap, base * (2 ** min(attempts - 1, 30)))
-    return interval / 2 + random.random() * interval / 2
+    floor = min(base, interval) / 2
+    return floor + random.random() * (interval - floor)
 
 
 def match_route(domain: str, routes: list[tuple[str, tuple[str, int]]]) -> tuple[str, int] | None:
@@ -74,6 +83,9 @@ def match_route(domain: str, routes: list[tuple[str, tuple[str, int]]]) -> tuple
 
 
 _LOCAL_TEMP = 451
+# How long a domain's site is used before its MX is looked up again (the resolver's own
+# cache answers within the records' TTL).
+ROUTE_TTL = 300.0
 
 
 def _local_reply(code: int, enhanced: str, text: str) -> Reply:
@@ -81,12 +93,23 @@ def _local_reply(code: int, enhanced: str, text: str) -> Reply:
 
 
 class SitePool:
-    """The queue and connection workers of one destination site."""
+    """The queue and connection workers of one path: a source IP and a destination site.
 
-    def __init__(self, key: str, hosts: list[tuple[str, int]], dispatcher: "Dispatcher") -> None:
+    Args:
+      key: the path's name, e.g. "mx1.example.com,mx2.example.com:25" (the site, prefixed by
+        "SOURCE>" when mail leaves from a configured source address).
+      hosts: (name, address or None, port, preference) of every way in, in MX order.
+      provider: the mailbox provider whose limits apply ("" for none).
+    """
+
+    def __init__(self, key: str, hosts: list[tuple[str, str | None, int, int]], provider: str,
+                 dispatcher: "Dispatcher") -> None:
         self.key = key
         self.hosts = hosts
+        self.provider = provider
+        self.source = dispatcher.config.delivery.source
         self.d = dispatcher
+        self.site_bucket = dispatcher.shaper.path_bucket(self, dispatcher.now())
         self.queue: deque[Delivery] = deque()
         self.workers = 0
         self.sessions_up = 0
@@ -98,12 +121,18 @@ class SitePool:
         self._idle: dict[trio.lowlevel.Task, float] = {}
         self._nursery: trio.Nursery | None = None
         self._no_tls: set[str] = set()
+        self._connect_rate: TokenBucket | None = None
         self.suspended_until = 0.0
         self.suspended_reply: Reply | None = None
 
+    @property
+    def limits(self):
+        return self.d.shaper.rules.site(self.provider)
+
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(self.key, len(self.queue), self.workers, len(self._idle),
-                              self.sessions_opened, self.transactions)
+                              self.sessions_opened, self.transactions, self.provider,
+                              self.d.shaper.in_backoff(self))
 
     def wake_all(self) -> None:
         """Wake idle workers (so they notice the dispatcher is stopping)."""
@@ -122,6 +151,7 @@ class SitePool:
         trio.lowlevel.reschedule(task, outcome.Value(work))
 
     def push(self, d: Delivery) -> None:
+        """A delivery the shaper let go: send it on an idle or a new connection."""
         if self.suspended_reply is not None:
             if self.d.now() < self.suspended_until:
                 # Like Postfix's "delivery temporarily suspended": no connect per message.
@@ -131,12 +161,22 @@ class SitePool:
         self.queue.append(d)
         if self._idle:
             self._wake(next(iter(self._idle)), True)      # the longest idle first
-        elif self.workers < self.d.connection_limit and self._nursery is not None and not self.d.stopping:
-            self.workers += 1
-            self._nursery.start_soon(self._worker)
+        else:
+            self.spawn()
+
+    def spawn(self) -> bool:
+        """Start a connection worker if work waits and both the path's and the provider's
+        connection limits allow it; returns whether one started."""
+        if (not self.queue or self._nursery is None or self.d.stopping
+                or self.workers >= self.limits.connection_limit
+                or not self.d.connections.acquire(self)):
+            return False
+        self.workers += 1
+        self._nursery.start_soon(self._worker)
+        return True
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Own the workers of this site until cancelled.
+        """Own the workers of this path until cancelled.
 
         Args:
           task_status: started with the pool once workers can be spawned.
@@ -144,9 +184,8 @@ class SitePool:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started(self)
-            while self.queue and self.workers < self.d.connection_limit:
-                self.workers += 1
-                nursery.start_soon(self._worker)
+            while self.spawn():
+                pass
             await trio.sleep_forever()
 
     async def _next(self, idle_timeout: float) -> Delivery | None:
@@ -169,20 +208,41 @@ class SitePool:
             return self.queue.popleft()
         return None
 
+    def _connect_order(self) -> list[tuple[str, str | None, int, int]]:
+        """MX preference order, shuffled among equal preference on every connection."""
+        rank = {name: random.random() for name, _, _, _ in self.hosts}
+        return sorted(self.hosts, key=lambda h: (h[3], rank[h[0]]))
+
+    async def _wait_connect_rate(self) -> None:
+        """Hold a new connection until ``max_connection_rate`` allows it."""
+        rate = self.limits.max_connection_rate
+        if rate is None:
+            self._connect_rate = None
+            return
+        bucket = self._connect_rate
+        if bucket is None:
+            bucket = self._connect_rate = TokenBucket(rate.per_second, rate.burst, self.d.now())
+        elif (bucket.rate, bucket.burst) != (rate.per_second, rate.burst):
+            bucket.set_rate(rate.per_second, rate.burst, self.d.now())
+        while not bucket.try_take(self.d.now()):
+            await trio.sleep(bucket.delay(self.d.now()))
+
     async def _connect(self) -> SMTPSession:
-        """A session to the first host that takes one, in MX order."""
+        """A session to the first host that takes one, in MX order: on to the next host after
+        a refused connection or a 4xx/5xx greeting."""
         cfg = self.d.config.delivery
 
-        def attempt(host: str, port: int, tls: bool):
-            return open_session(host, port, ehlo=cfg.ehlo, source=cfg.source, timeouts=self.d.timeouts,
+        def attempt(host: str, address: str | None, port: int, tls: bool):
+            return open_session(host, port, ehlo=cfg.ehlo, source=self.source, timeouts=self.d.timeouts,
                                 tls_context=self.d.tls_context if tls else None,
-                                open_stream=self.d.open_stream)
+                                open_stream=self.d.open_stream, address=address)
 
+        await self._wait_connect_rate()
         last: ConnectError | None = None
-        for host, port in self.hosts:
+        for host, address, port, _ in self._connect_order():
             tls = self.d.tls_context is not None and host not in self._no_tls
             try:
-                return await attempt(host, port, tls)
+                return await attempt(host, address, port, tls)
             except ConnectError as e:
                 last = e
                 if not e.tls_failed:
@@ -190,7 +250,7 @@ class SitePool:
             # Like Postfix: after a failed handshake, retry this host in clear text.
             self._no_tls.add(host)
             try:
-                return await attempt(host, port, False)
+                return await attempt(host, address, port, False)
             except ConnectError as e:
                 last = e
         assert last is not None
@@ -199,17 +259,17 @@ class SitePool:
     async def _worker(self) -> None:
         finished = False
         try:
-            await self._work(self.d.config.delivery)
+            await self._work()
             finished = True
         finally:
             self.workers -= 1
+            self.d.connections.release(self)
             # A worker that ended normally (idle, connection used up, session lost) hands over
             # to a fresh one if work is left; never while being cancelled.
-            if finished and self.queue and self.workers == 0 and not self.d.stopping:
-                self.workers += 1
-                self._nursery.start_soon(self._worker)
+            if finished and self.workers == 0:
+                self.spawn()
 
-    async def _work(self, cfg) -> None:
+    async def _work(self) -> None:
         session: SMTPSession | None = None
         d: Delivery | None = None
         try:
@@ -222,6 +282,8 @@ class SitePool:
                 # Connection-level refusals never bounce (a 5xx greeting is skipped as
                 # Postfix's smtp_skip_5xx_greeting does): the message is deferred.
                 reply = _local_reply(_LOCAL_TEMP, "4.4.1", str(e))
+                if e.reply is not None and is_rate_limited(e.reply):
+                    self.d.backoff(self)
                 self._fail(d, reply)
                 d = None
                 if self.sessions_up == 0:
@@ -236,7 +298,8 @@ class SitePool:
             self.sessions_up += 1
             self.sessions_opened += 1
             sent = 0
-            limit = cfg.max_deliveries_per_connection
+            limits = self.limits
+            limit = limits.max_deliveries_per_connection
 
             def take_next() -> Delivery | None:
                 nonlocal sent
@@ -255,7 +318,7 @@ class SitePool:
                                                                        self.d.outcomes.body(first)))
                 except SessionError as e:
                     reply = _local_reply(_LOCAL_TEMP, "4.4.2", str(e))
-                    for lost in e.unfinished or [first]:
+                    for lost in e.unfinished if e.unfinished is not None else [first]:
                         self._fail(lost, reply)
                     return
                 finally:
@@ -263,7 +326,7 @@ class SitePool:
                 sent += 1
                 if sent >= limit:
                     break
-                d = await self._next(cfg.idle_timeout)
+                d = await self._next(limits.idle_timeout)
                 if d is None:
                     break
         finally:
@@ -313,14 +376,44 @@ class SitePool:
                 if report is not None:
                     report(d, rcpts, reply)
                 else:
+                    if is_rate_limited(reply):
+                        self.d.backoff(self)
                     self.d.retry(out.deferred(d, rcpts, reply))
 
 
+class ConnectionGate:
+    """Connections open per provider, against ``provider_connection_limit``. A path that finds
+    its provider at the limit waits in line and is called back when a connection closes."""
+
+    def __init__(self, dispatcher: "Dispatcher") -> None:
+        self.d = dispatcher
+        self.open: dict[str, int] = {}
+        self.waiting: dict[str, deque[SitePool]] = {}
+
+    def acquire(self, pool: SitePool) -> bool:
+        limit = self.d.shaper.rules.provider_connection_limits.get(pool.provider) if pool.provider else None
+        n = self.open.get(pool.provider, 0)
+        if limit is not None and n >= limit:
+            line = self.waiting.setdefault(pool.provider, deque())
+            if pool not in line:
+                line.append(pool)
+            return False
+        self.open[pool.provider] = n + 1
+        return True
+
+    def release(self, pool: SitePool) -> None:
+        self.open[pool.provider] -= 1
+        line = self.waiting.get(pool.provider)
+        while line:
+            if line.popleft().spawn():
+                break
+
+
 class Dispatcher:
-    """Routes deliveries to site pools and runs the retry timer.
+    """Routes deliveries through the shaper to site pools and runs the clock loop.
 
     Args:
-      config: the daemon config (delivery section, routes, dns).
+      config: the daemon config (delivery section, routes, dns, shaping).
       outcomes: where results go (journaling, bodies).
       now: wall-clock seconds (derived from trio's clock, so tests can warp it).
       open_stream: replaces TCP connects (in-memory streams in tests).
@@ -333,24 +426,27 @@ class Dispatcher:
         self.outcomes = outcomes
         self.now = now
         dc = config.delivery
-        self.connection_limit = dc.connection_limit
         self.timeouts = Timeouts(**{k: getattr(dc.timeouts, k) for k in Timeouts.__struct_fields__})
         self.tls_context = opportunistic_tls_context() if dc.starttls != "never" else None
         self.routes = [(r.match.lower(), parse_hostport(r.relay, "route.relay", dc.port)) for r in config.route]
+        self.shaper = Shaper(Rules(config), 0.0)
+        self.connections = ConnectionGate(self)
         self.pools: dict[str, SitePool] = {}
         self.idle_pools: set[SitePool] = set()      # pools with parked workers, for the reaper
         self.stopping = False
-        self._domain_site: dict[str, SitePool] = {}
+        # domain -> (path, when to look it up again)
+        self._domain_site: dict[str, tuple[SitePool, float]] = {}
         self._resolving: dict[str, list[Delivery]] = {}
         self._timers = TimerHeap()
-        self._timer_wakeup = trio.Event()
+        self._wakeup = trio.Event()
+        self._sleep_until = -math.inf               # when the clock loop wakes by itself
         self._nursery: trio.Nursery | None = None
-        self._resolver = None
+        self.resolver = Resolver(config.dns.nameservers, timeout=config.dns.timeout)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._clock_loop)
             nursery.start_soon(self._reap_idle)
             task_status.started(self)
 
@@ -358,14 +454,16 @@ class Dispatcher:
 
     def submit(self, d: Delivery, now: float | None = None) -> None:
         """Queue a delivery now, or at ``d.next_at`` if that is in the future."""
-        if d.next_at > (self.now() if now is None else now):
+        if now is None:
+            now = self.now()
+        if d.next_at > now:
             self._timers.push(d.next_at, d)
-            if d.next_at <= self._timers.peek_due():
-                self._timer_wakeup.set()
+            self._poke(d.next_at)
             return
-        pool = self._domain_site.get(d.domain)
-        if pool is not None:
-            pool.push(d)
+        entry = self._domain_site.get(d.domain)
+        if entry is not None and entry[1] > now:
+            self.shaper.push(d, entry[0], now)
+            self._release(now)
             return
         waiting = self._resolving.get(d.domain)
         if waiting is not None:
@@ -373,9 +471,11 @@ class Dispatcher:
             return
         target = match_route(d.domain, self.routes)
         if target is not None:
-            pool = self._pool(f"{target[0]}:{target[1]}", [target])
-            self._domain_site[d.domain] = pool
-            pool.push(d)
+            host, port = target
+            pool = self._pool(f"{host}:{port}", [(host, None, port, 0)], self.shaper.rules.provider_of((host,)))
+            self._domain_site[d.domain] = (pool, math.inf)
+            self.shaper.push(d, pool, now)
+            self._release(now)
             return
         self._resolving[d.domain] = [d]
         assert self._nursery is not None
@@ -385,47 +485,95 @@ class Dispatcher:
         if d is not None:
             self.submit(d)
 
-    def _pool(self, key: str, hosts: list[tuple[str, int]]) -> SitePool:
+    def retry_policy(self, domain: str) -> RetryPolicy:
+        entry = self._domain_site.get(domain)
+        return self.shaper.rules.retry_policy(domain, entry[0].provider if entry else "")
+
+    def _pool(self, site: str, hosts: list[tuple[str, str | None, int, int]], provider: str) -> SitePool:
+        source = self.config.delivery.source
+        key = f"{source}>{site}" if source else site
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = SitePool(key, hosts, self)
+            pool = self.pools[key] = SitePool(key, hosts, provider, self)
             assert self._nursery is not None
             self._nursery.start_soon(pool.run)
         return pool
 
     async def _resolve(self, domain: str) -> None:
-        if self._resolver is None:
-            self._resolver = make_resolver(self.config.dns.nameservers, self.config.dns.timeout)
         port = self.config.delivery.port
         try:
-            hosts = await resolve_mx(domain, self._resolver)
+            mxs = await self.resolver.mx(domain)
         except DNSError as e:
             waiting = self._resolving.pop(domain, [])
-            enhanced = "5.1.2" if getattr(e, "permanent", False) else "4.4.3"
-            reply = _local_reply(550 if getattr(e, "permanent", False) else 451, enhanced, str(e))
+            permanent = getattr(e, "permanent", False)
+            reply = _local_reply(550 if permanent else 451, "5.1.2" if permanent else "4.4.3", str(e))
             for d in waiting:
                 if reply.is_permanent:
                     self.outcomes.bounced(d, d.rcpts, reply)
                 else:
                     self.retry(self.outcomes.deferred(d, d.rcpts, reply))
             return
-        pool = self._pool(",".join(hosts) + f":{port}", [(h, port) for h in hosts])
-        self._domain_site[domain] = pool
+        names = tuple(sorted({mx.name for mx in mxs}))
+        hosts = [(mx.name, addr, port, mx.preference) for mx in mxs for addr in mx.addresses]
+        pool = self._pool(",".join(names) + f":{port}", hosts, self.shaper.rules.provider_of(names))
+        now = self.now()
+        self._domain_site[domain] = (pool, now + ROUTE_TTL)
         for d in self._resolving.pop(domain, []):
+            self.shaper.push(d, pool, now)
+        self._release(now)
+
+    # ------------------------------------------------------------------ shaping and timers
+
+    def _release(self, now: float) -> None:
+        """Hand every delivery the shaper lets go now to its path; expire the ones that
+        waited past their max_age."""
+        shaper = self.shaper
+        while (got := shaper.pop(now)) is not None:
+            pool, d = got
+            if now >= d.received_at + self.shaper.rules.retry_policy(d.domain, pool.provider).max_age:
+                held = f" (held by {pool.key})" if d.attempts == 0 else ""
+                pool._fail(d, _local_reply(_LOCAL_TEMP, "4.4.7", f"message expired in the queue{held}"))
+                continue
             pool.push(d)
+        self._poke(shaper.next_wakeup())
 
-    # ------------------------------------------------------------------ timers
+    def _poke(self, at: float) -> None:
+        """Wake the clock loop if something is due before it would wake by itself."""
+        if at < self._sleep_until:
+            self._sleep_until = at
+            self._wakeup.set()
 
-    async def _timer_loop(self) -> None:
+    def backoff(self, pool: SitePool) -> None:
+        """A rate-limiting reply on ``pool``'s path: slow the whole path down."""
+        now = self.now()
+        self.shaper.backoff(pool, now)
+        self._poke(self.shaper.next_wakeup())
+
+    def replace_rules(self, config: Config) -> None:
+        """New shaping rules at run time (SIGHUP, admin API): limits, providers, priorities
+        and retry policy change in place; queued mail keeps its place."""
+        self.shaper.replace(Rules(config), self.now())
+        for pool in self.pools.values():
+            while pool.spawn():
+                pass
+        self._release(self.now())
+
+    async def _clock_loop(self) -> None:
+        """Move due retries on, take backoff steps, release what the shaper lets go; then
+        sleep until the next of those is due or a poke says something came sooner."""
         while True:
+            self._sleep_until = -math.inf           # awake: pokes are not needed
             now = self.now()
             for d in self._timers.pop_due(now):
                 d.next_at = 0.0
-                self.submit(d)
-            due = self._timers.peek_due()
-            with trio.move_on_after(due - self.now() if due != math.inf else math.inf):
-                await self._timer_wakeup.wait()
-            self._timer_wakeup = trio.Event()
+                self.submit(d, now)
+            self.shaper.tick(now)
+            self._release(now)
+            wake = min(self._timers.peek_due(), self.shaper.next_wakeup())
+            self._wakeup = trio.Event()
+            self._sleep_until = wake
+            with trio.move_on_after(wake - self.now() if wake != math.inf else math.inf):
+                await self._wakeup.wait()
 
     async def _reap_idle(self) -> None:
         """Once a second, end the idle workers whose idle_timeout is up."""
@@ -439,7 +587,7 @@ class Dispatcher:
     # ------------------------------------------------------------------ control
 
     def queued(self) -> int:
-        return (sum(len(p.queue) for p in self.pools.values()) + len(self._timers)
+        return (sum(len(p.queue) for p in self.pools.values()) + len(self._timers) + len(self.shaper)
                 + sum(len(w) for w in self._resolving.values()))
 
     def waiting_retry(self) -> int:

@@ -161,10 +161,12 @@ class Engine:
         return self.journal.total_bytes >= self.config.spool.max_bytes
 
     async def submit(self, sender: str, rcpts: list[str], body: bytes, *, customer: str = "",
-                     msg_id: str | None = None) -> str:
+                     message_type: str = "", msg_id: str | None = None) -> str:
         """Make a message durable and queue it; returns its id once it is safe on disk.
 
         Args:
+          customer: whose mail it is (customer limits, later pools and quotas).
+          message_type: e.g. "transactional" or "marketing": its priority (``shaping.priority``).
           msg_id: an id from :meth:`new_id` when the caller needed it earlier (trace headers).
 
         Raises:
@@ -183,11 +185,12 @@ class Engine:
         now = self.now()
         sender = sys.intern(sender)
         rec = Accepted(id=msg_id, sender=sender, rcpts=list(rcpts), received_at=now, body=body,
-                       customer=customer)
+                       customer=customer, message_type=message_type)
         loc = await self.journal.commit(rec)
         self.counts["accepted"] += 1
         self._track(Delivery(id=msg_id, sender=sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
-                             offset=loc.offset, length=loc.length, received_at=now, customer=customer))
+                             offset=loc.offset, length=loc.length, received_at=now, customer=customer,
+                             message_type=message_type))
         return msg_id
 
     # ---------------------------------------------------------------- outcomes (called by delivery)
@@ -236,17 +239,17 @@ class Engine:
 
     def deferred(self, d: Delivery, rcpts: list[str], reply: Reply) -> Delivery | None:
         """Journal a deferral of ``rcpts``; returns the delivery to retry, or None if it expired."""
-        dc = self.config.delivery
+        policy = self.dispatcher.retry_policy(d.domain)
         now = self.now()
         attempts = d.attempts + 1
-        expires = d.received_at + dc.max_age
+        expires = d.received_at + policy.max_age
         if now >= expires:
             self._record(Expired(d.id, rcpts, now, reply))
             self.counts["expired"] += len(rcpts)
             log.info("expired %s to %s after %d attempts: %s", d.id, ",".join(rcpts), attempts, reply)
             self._done(d, rcpts)
             return None
-        next_at = min(now + backoff(attempts, dc.retry_interval, dc.max_retry_interval), expires)
+        next_at = min(now + backoff(attempts, policy.retry_interval, policy.max_retry_interval), expires)
         self._record(Deferred(d.id, rcpts, now, next_at, attempts, reply))
         self.counts["deferred"] += len(rcpts)
         if len(rcpts) == len(d.rcpts):
@@ -286,6 +289,7 @@ class Engine:
             head = self.journal.read(seg, parts[0].offset, parts[0].length)
             rec = Accepted(id=msg_id, sender=head.sender, rcpts=[r for p in parts for r in p.rcpts],
                            received_at=head.received_at, body=head.body, customer=head.customer,
+                           message_type=head.message_type,
                            attempts=max(p.attempts for p in parts), next_at=max(p.next_at for p in parts))
             moves.append((msg_id, self.journal.append(rec)))
             if len(moves) % 500 == 0:

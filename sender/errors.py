@@ -93,13 +93,13 @@ class ConnectError(SendError):
 class SessionError(SendError):
     """An open session broke or timed out mid-transaction; the outcome is unknown.
 
-    ``unfinished`` lists the items of a pipelined run whose outcome is unknown (empty when
+    ``unfinished`` lists the items of a pipelined run whose outcome is unknown (None when
     the caller knows which transaction it was in).
     """
 
     def __init__(self, message: str, *, unfinished: list | None = None) -> None:
         super().__init__(message)
-        self.unfinished = unfinished or []
+        self.unfinished = unfinished
 
 
 class DNSError(SendError):

@@ -99,6 +99,7 @@ class _AcceptedHead(Rec, tag="accepted"):
     customer: str = ""
     attempts: int = 0
     next_at: float = 0.0
+    message_type: str = ""
 
 
 class _Final(Rec):
@@ -263,7 +264,7 @@ class Journal:
                                 if type(rec) is _AcceptedHead:
                                     live[rec.id] = Delivery(rec.id, intern(rec.sender), "", rec.rcpts, seg, off,
                                                             end - off, rec.received_at, rec.attempts,
-                                                            rec.next_at, rec.customer)
+                                                            rec.next_at, rec.customer, rec.message_type)
                                     accepted += 1
                                 else:
                                     _apply(rec, live)

@@ -67,6 +67,7 @@ class Accepted(Rec):
     customer: str = ""
     attempts: int = 0
     next_at: float = 0.0
+    message_type: str = ""          # e.g. "transactional": sets the priority (shaping.priority)
 
 
 class Delivered(Rec):
@@ -122,3 +123,4 @@ class Delivery(msgspec.Struct, gc=False):
     attempts: int = 0
     next_at: float = 0.0
     customer: str = ""
+    message_type: str = ""

@@ -42,4 +42,4 @@ def test_no_extensions_env_forces_python():
 
 
 def test_selector_exports_only_the_twin_api():
-    assert sorted(sender.scheduler.__all__) == ["COMPILED", "TimerHeap", "TokenBucket"]
+    assert sorted(sender.scheduler.__all__) == ["COMPILED", "Scheduler", "TimerHeap", "TokenBucket"]

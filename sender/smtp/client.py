@@ -154,6 +154,11 @@ class SMTPSession:
         while len(out) < n:
             ev = proto.next_event()
             if ev is NEED_DATA:
+                if proto.closing_reply is not None:
+                    # The server said 421 and is closing: that is the answer to every
+                    # command still waiting for a reply.
+                    out.extend([proto.closing_reply] * (n - len(out)))
+                    break
                 data = await self.stream.receive_some(_RECV)
                 proto.receive_data(data)
                 continue
@@ -227,8 +232,12 @@ class SMTPSession:
         """
         if self.proto.pipelining:
             results: list[TransactionResult] = []
-            await self.pipeline(_Envelope(sender, rcpts), lambda: None, lambda _: body,
-                                lambda _, res: results.append(res))
+            try:
+                await self.pipeline(_Envelope(sender, rcpts), lambda: None, lambda _: body,
+                                    lambda _, res: results.append(res))
+            except SessionError:
+                if not results:         # else the server answered, then closed (421)
+                    raise
             return results[0]
         p, t = self.proto, self.timeouts
         self.transactions += 1
@@ -298,6 +307,10 @@ class SMTPSession:
             while True:
                 replies = await self._replies(len(cur.rcpts) + 2)
                 mail, rcpt_replies, data = replies[0], replies[1:-1], replies[-1]
+                if p.closing_reply is not None:
+                    unfinished.remove(cur)
+                    on_result(cur, TransactionResult(mail, rcpt_replies, data, False))
+                    break
                 nxt = take_next()
                 if nxt is not None:
                     unfinished.append(nxt)
@@ -313,6 +326,8 @@ class SMTPSession:
                 self.transactions += 1
                 unfinished.remove(cur)
                 on_result(cur, TransactionResult(mail, rcpt_replies, final if started else data, started))
+                if p.closing_reply is not None:
+                    break
                 if nxt is None:
                     return
                 cur, cur_body = nxt, nxt_body
@@ -323,6 +338,8 @@ class SMTPSession:
                      else f"connection lost during {phase}: {e}")
         except RemoteProtocolError as e:
             error = f"protocol error during {phase}: {e}"
+        else:
+            error = f"server closed the session: {p.closing_reply}"
         finally:
             watch.sessions.discard(self)
         raise SessionError(f"{self.peer}: {error}", unfinished=unfinished)
@@ -374,22 +391,26 @@ async def open_session(
     timeouts: Timeouts = Timeouts(),
     tls_context: ssl.SSLContext | None = None,
     open_stream: OpenStream | None = None,
+    address: str | None = None,
 ) -> SMTPSession:
     """Connect (from ``source`` when given), read the greeting, EHLO and maybe STARTTLS.
 
     Args:
       open_stream: replaces the TCP connect (tests pass in-memory streams here).
+      address: the IP address to connect to, already resolved; ``host`` then only names the
+        server (TLS server name, messages).
 
     Raises:
       ConnectError: no session could be established; ``reply`` is set when the server refused.
     """
-    peer = f"{host}:{port}"
+    target = address or host
+    peer = f"{host}[{address}]:{port}" if address and address != host else f"{host}:{port}"
     try:
         with trio.fail_after(timeouts.connect):
             if open_stream is not None:
-                stream = await open_stream(host, port, source)
+                stream = await open_stream(target, port, source)
             else:
-                stream = await connect_tcp(host, port, source=source)
+                stream = await connect_tcp(target, port, source=source)
     except trio.TooSlowError as e:
         raise ConnectError(f"{peer}: connect timeout after {timeouts.connect:g}s") from e
     except OSError as e:

@@ -239,6 +239,8 @@ class ClientProtocol:
         self._buf = bytearray()
         self._pending: deque[Command | None] = deque([None])  # None: the greeting
         self._eof = False
+        # The server's 421 (RFC 5321 3.8): it closes the channel, so no other reply will come.
+        self.closing_reply: Reply | None = None
         self._error: str | None = None
         self.extensions: dict[str, str] = {}
 
@@ -347,6 +349,7 @@ class ClientProtocol:
                 self.extensions = parse_ehlo(reply) if ok and cmd_type is Ehlo else {}
         if reply.code == 421:
             self._state = CLOSED
+            self.closing_reply = reply
         return Replied(cmd, reply)
 
     def _fail(self, msg: str):
