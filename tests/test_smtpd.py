@@ -304,3 +304,24 @@ async def test_every_negative_reply_carries_an_enhanced_code(tmp_path):
         assert missing == []
         codes = {reply[:3] for _, reply in negative}
         assert {"500", "501", "502", "503", "550", "555", "452"} <= codes
+
+
+async def test_control_headers_set_customer_and_type_and_never_reach_the_recipient(tmp_path):
+    wire = (b"X-Sender-Customer: acme \r\nSubject: hi\r\nx-sender-message-type: transactional\r\n\r\n"
+            b"X-Sender-Customer: body text stays\r\n")
+    async with running(tmp_path) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            assert QUEUED.match(await send_message(c, "app@x.test", ["user@y.test"], wire))
+            await env.wait_received(1)
+    assert env.sink.received[0][2] == b"Subject: hi\r\n\r\nX-Sender-Customer: body text stays\r\n"
+    (rec,) = [r for r in journal_records(env.spool) if isinstance(r, Accepted)]
+    assert (rec.customer, rec.message_type) == ("acme", "transactional")
+
+
+def test_control_headers_are_only_read_from_the_header_block():
+    from sender.inject.smtpd import take_control_headers
+
+    body = b"Subject: x\r\n\r\nX-Sender-Customer: evil\r\n"
+    assert take_control_headers(body) == (body, {})
+    assert take_control_headers(b"X-Sender-Customer: a\r\n\r\n") == (b"\r\n", {"customer": "a"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 import time
 import trio
 
@@ -19,7 +20,7 @@ from ..smtp.sockets import FastListener, open_listener
 from ..smtp.serve import Answer, IdleWatchdog, serve_session
 from ..smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
 
-__all__ = ["Listener", "serve_smtp"]
+__all__ = ["Listener", "serve_smtp", "take_control_headers"]
 
 log = logging.getLogger("sender.smtpd")
 
@@ -64,6 +65,21 @@ class Listener:
             self.sessions -= 1
 
 
+_CONTROL = re.compile(rb"^x-sender-(customer|message-type):[ \t]*([^\r\n]*?)[ \t]*\r\n", re.I | re.M)
+
+
+def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
+    """Read and remove the ``X-Sender-Customer`` and ``X-Sender-Message-Type`` headers: how an
+    application says whose mail it is and what kind, over SMTP. They never reach the
+    recipient (like PowerMTA's x-virtual-mta)."""
+    end = body.find(b"\r\n\r\n")
+    head = body[: end + 2] if end >= 0 else body
+    meta = {m.group(1).decode().lower(): m.group(2).decode("utf-8", "replace") for m in _CONTROL.finditer(head)}
+    if not meta:
+        return body, {}
+    return _CONTROL.sub(b"", head) + body[len(head):], meta
+
+
 class _Session:
     def __init__(self, listener: Listener, proto: ServerProtocol, peer: str) -> None:
         self.listener = listener
@@ -94,8 +110,10 @@ class _Session:
     async def on_message(self, ev: MessageReceived) -> Answer:
         msg_id = self.engine.new_id()
         rcpts = list(ev.rcpts)
+        body, meta = take_control_headers(ev.body)
         try:
-            await self.engine.submit(ev.sender, rcpts, self._received(msg_id, rcpts) + ev.body, msg_id=msg_id)
+            await self.engine.submit(ev.sender, rcpts, self._received(msg_id, rcpts) + body, msg_id=msg_id,
+                                     customer=meta.get("customer", ""), message_type=meta.get("message-type", ""))
         except SpoolFull:
             return _SPOOL_FULL
         except UsageError as e:
