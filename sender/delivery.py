@@ -86,6 +86,8 @@ _LOCAL_TEMP = 451
 # How long a domain's site is used before its MX is looked up again (the resolver's own
 # cache answers within the records' TTL).
 ROUTE_TTL = 300.0
+# A path with no worker and nothing queued this long ends its task (it starts again on demand).
+POOL_REST = 30.0
 
 
 def _local_reply(code: int, enhanced: str, text: str) -> Reply:
@@ -120,6 +122,9 @@ class SitePool:
         # wakes the expired ones once a second.
         self._idle: dict[trio.lowlevel.Task, float] = {}
         self._nursery: trio.Nursery | None = None
+        self._running = False
+        self._rest = trio.Event()
+        self.rest_since = 0.0
         self._no_tls: set[str] = set()
         self._connect_rate: TokenBucket | None = None
         self.suspended_until = 0.0
@@ -166,27 +171,52 @@ class SitePool:
 
     def spawn(self) -> bool:
         """Start a connection worker if work waits and both the path's and the provider's
-        connection limits allow it; returns whether one started."""
-        if (not self.queue or self._nursery is None or self.d.stopping
-                or self.workers >= self.limits.connection_limit
-                or not self.d.connections.acquire(self)):
+        connection limits allow it; returns whether one started. A resting pool is started
+        again, and spawns its workers itself."""
+        if not self.queue or self.d.stopping:
+            return False
+        if self._nursery is None:
+            self.start()
+            return False
+        if self.workers >= self.limits.connection_limit or not self.d.connections.acquire(self):
             return False
         self.workers += 1
         self._nursery.start_soon(self._worker)
         return True
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Own the workers of this path until cancelled.
+    def start(self) -> None:
+        """Run the pool's nursery in the dispatcher's, unless it runs already."""
+        if not self._running and self.d.nursery is not None:
+            self._running = True
+            self.d.nursery.start_soon(self.run)
 
-        Args:
-          task_status: started with the pool once workers can be spawned.
-        """
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started(self)
-            while self.spawn():
-                pass
-            await trio.sleep_forever()
+    async def run(self) -> None:
+        """Own the workers of this path until cancelled, or until the dispatcher lets it rest
+        (no worker and nothing queued for ``POOL_REST`` seconds): a path costs no task while
+        nothing goes there, so a hundred thousand quiet domains cost only their records."""
+        self._rest = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                while self.spawn():
+                    pass
+                await self._rest.wait()
+                self._nursery = None
+        finally:
+            self._nursery = None
+            self._running = False
+        if self.queue:                  # came in while the last workers were finishing
+            self.start()
+
+    def rest_if_quiet(self, now: float) -> bool:
+        """End the pool's task if it has been quiet long enough; returns whether it is still
+        a candidate (quiet, but not for long enough yet)."""
+        if self.workers or self.queue:
+            return False
+        if now - self.rest_since < POOL_REST:
+            return True
+        self._rest.set()
+        return False
 
     async def _next(self, idle_timeout: float) -> Delivery | None:
         """The next delivery, or None after ``idle_timeout`` seconds without one (to within
@@ -267,7 +297,9 @@ class SitePool:
             # A worker that ended normally (idle, connection used up, session lost) hands over
             # to a fresh one if work is left; never while being cancelled.
             if finished and self.workers == 0:
-                self.spawn()
+                if not self.spawn() and not self.queue:
+                    self.rest_since = self.d.now()
+                    self.d.quiet_pools.add(self)
 
     async def _work(self) -> None:
         session: SMTPSession | None = None
@@ -433,6 +465,7 @@ class Dispatcher:
         self.connections = ConnectionGate(self)
         self.pools: dict[str, SitePool] = {}
         self.idle_pools: set[SitePool] = set()      # pools with parked workers, for the reaper
+        self.quiet_pools: set[SitePool] = set()     # pools with no worker, to let rest
         self.stopping = False
         # domain -> (path, when to look it up again)
         self._domain_site: dict[str, tuple[SitePool, float]] = {}
@@ -440,12 +473,12 @@ class Dispatcher:
         self._timers = TimerHeap()
         self._wakeup = trio.Event()
         self._sleep_until = -math.inf               # when the clock loop wakes by itself
-        self._nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None
         self.resolver = Resolver(config.dns.nameservers, timeout=config.dns.timeout)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self.nursery = nursery
             nursery.start_soon(self._clock_loop)
             nursery.start_soon(self._reap_idle)
             task_status.started(self)
@@ -478,8 +511,8 @@ class Dispatcher:
             self._release(now)
             return
         self._resolving[d.domain] = [d]
-        assert self._nursery is not None
-        self._nursery.start_soon(self._resolve, d.domain)
+        assert self.nursery is not None
+        self.nursery.start_soon(self._resolve, d.domain)
 
     def retry(self, d: Delivery | None) -> None:
         if d is not None:
@@ -495,8 +528,7 @@ class Dispatcher:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = SitePool(key, hosts, provider, self)
-            assert self._nursery is not None
-            self._nursery.start_soon(pool.run)
+            pool.start()
         return pool
 
     async def _resolve(self, domain: str) -> None:
@@ -576,13 +608,17 @@ class Dispatcher:
                 await self._wakeup.wait()
 
     async def _reap_idle(self) -> None:
-        """Once a second, end the idle workers whose idle_timeout is up."""
+        """Once a second, end the idle workers whose idle_timeout is up, and let the pools
+        rest that have been quiet for POOL_REST seconds."""
         while True:
             await trio.sleep(1)
             now = self.now()
             for pool in list(self.idle_pools):
                 if not pool.reap(now):
                     self.idle_pools.discard(pool)
+            for pool in list(self.quiet_pools):
+                if not pool.rest_if_quiet(now):
+                    self.quiet_pools.discard(pool)
 
     # ------------------------------------------------------------------ control
 

@@ -287,3 +287,20 @@ async def test_an_idle_session_is_reused_then_closed_after_idle_timeout(tmp_path
         await until(lambda: engine.counts["delivered"] == 3)
         assert pool().sessions_opened == 2
         n.cancel_scope.cancel()
+
+
+async def test_a_quiet_path_rests_without_a_task_and_wakes_for_new_mail(tmp_path, autojump_clock):
+    sink = Sink()
+    async with trio.open_nursery() as n:
+        engine = await start(n, make_config(tmp_path, [("*", "mx:25")]), Sinks(mx=sink))
+        await engine.submit("a@x.test", ["u@y.test"], BODY)
+        await until(lambda: engine.counts["delivered"] == 1)
+        (pool,) = engine.dispatcher.pools.values()
+        tasks = len(engine.dispatcher.nursery.child_tasks)
+        await trio.sleep(60)
+        assert not pool._running and len(engine.dispatcher.nursery.child_tasks) == tasks - 1
+        await engine.submit("a@x.test", ["v@y.test"], BODY)
+        await until(lambda: engine.counts["delivered"] == 2)
+        assert pool._running
+        n.cancel_scope.cancel()
+    assert sink.stats.messages == 2
