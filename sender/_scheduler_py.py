@@ -236,7 +236,8 @@ _PARKED = 2      # waiting on one bucket, in that bucket's waiter heap
 
 
 class _Bucket:
-    __slots__ = ("name", "rate", "burst", "tokens", "updated", "paused_until", "waiters", "armed", "gen")
+    __slots__ = ("name", "rate", "burst", "tokens", "updated", "paused_until", "waiters", "nwait", "armed",
+                 "gen")
 
     def __init__(self, name: str, rate: float, burst: float, now: float) -> None:
         self.name = name
@@ -245,7 +246,11 @@ class _Bucket:
         self.tokens = burst
         self.updated = now
         self.paused_until = -math.inf
-        self.waiters: list[tuple[int, int, int]] = []   # heap of (-priority, seq, queue)
+        # Heap of (-priority, seq, queue). An entry is current only while that queue is parked
+        # here under that key; a queue that moves up (a more urgent message came) leaves its
+        # old entry behind, skipped when it surfaces. ``nwait`` counts the current ones.
+        self.waiters: list[tuple[int, int, int]] = []
+        self.nwait = 0
         self.armed = False                              # a wake-up of this bucket is pending
         self.gen = 0                                    # wake-ups of older generations are stale
 
@@ -282,7 +287,7 @@ class _Queue:
         self.state = _IDLE
         self.parked_on = -1
         self.released_from = -1
-        self.key: tuple[int, int] = (0, 0)               # (-priority, seq) in the runnable heap
+        self.key: tuple[int, int] = (0, 0)               # current (-priority, seq) where it waits
 
 
 def _limits(rate: float, burst: float) -> None:
@@ -392,7 +397,7 @@ class Scheduler:
 
     def bucket_waiters(self, bid: int) -> int:
         """How many queues wait for this bucket (a measure of its saturation)."""
-        return len(self._bucket(bid).waiters)
+        return self._bucket(bid).nwait
 
     def _rearm(self, bid: int, now: float) -> None:
         b = self._buckets[bid]
@@ -404,7 +409,7 @@ class Scheduler:
     def _arm(self, bid: int, now: float) -> None:
         """Schedule the wake-up of a bucket that has waiters, when its next token is due."""
         b = self._buckets[bid]
-        if b.waiters and not b.armed:
+        if b.nwait and not b.armed:
             b.armed = True
             heapq.heappush(self._wakeups, (now + b.delay(now), bid, b.gen))
 
@@ -445,12 +450,11 @@ class Scheduler:
         q.buckets = ids
         if q.state == _PARKED:
             b = self._buckets[q.parked_on]
-            b.waiters.remove((q.key[0], q.key[1], qid))
-            heapq.heapify(b.waiters)
+            b.nwait -= 1                    # its entry in the waiter heap is stale from now on
             q.state = _RUNNABLE
             q.parked_on = -1
             heapq.heappush(self._runnable, (q.key[0], q.key[1], qid))
-            if not b.waiters and b.armed:
+            if not b.nwait and b.armed:
                 b.armed = False
                 b.gen += 1
 
@@ -499,6 +503,11 @@ class Scheduler:
             q.state = _RUNNABLE
             q.key = (negprio, seq)
             heapq.heappush(self._runnable, (negprio, seq, qid))
+        elif negprio < q.key[0]:
+            # A more urgent head: the queue moves up where it waits (its old entry goes stale).
+            q.key = (negprio, seq)
+            heap = self._runnable if q.state == _RUNNABLE else self._buckets[q.parked_on].waiters
+            heapq.heappush(heap, (negprio, seq, qid))
 
     def _advance(self, now: float) -> None:
         """Move due timers into their queues and wake the buckets whose token is due."""
@@ -513,13 +522,17 @@ class Scheduler:
             if gen != b.gen or not b.armed:
                 continue
             b.armed = False
-            if b.waiters:
+            while b.waiters:
                 negprio, seq, qid = heapq.heappop(b.waiters)
                 q = self._queues[qid]
+                if q.state != _PARKED or q.parked_on != bid or q.key != (negprio, seq):
+                    continue                # stale
+                b.nwait -= 1
                 q.state = _RUNNABLE
                 q.parked_on = -1
                 q.released_from = bid
                 heapq.heappush(self._runnable, (negprio, seq, qid))
+                break
 
     def pop(self, now: float) -> tuple[int, object] | None:
         """The next message allowed to go at ``now``, as ``(queue id, item)``, with one token
@@ -534,6 +547,8 @@ class Scheduler:
                 return None
             negprio, seq, qid = heapq.heappop(runnable)
             q = self._queues[qid]
+            if q.state != _RUNNABLE or q.key != (negprio, seq):
+                continue                    # stale: the queue moved up meanwhile
             released_from = q.released_from
             q.released_from = -1
             blocked = -1
@@ -544,8 +559,8 @@ class Scheduler:
             if blocked >= 0:
                 q.state = _PARKED
                 q.parked_on = blocked
-                q.key = (negprio, seq)
                 heapq.heappush(buckets[blocked].waiters, (negprio, seq, qid))
+                buckets[blocked].nwait += 1
                 self._arm(blocked, now)
                 if released_from >= 0:
                     self._arm(released_from, now)

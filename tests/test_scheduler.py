@@ -650,3 +650,24 @@ class SchedulersAgree(RuleBasedStateMachine):
 
 TestSchedulersAgree = pytest.mark.skipif(NO_EXTENSIONS, reason="SENDER_NO_EXTENSIONS=1")(SchedulersAgree.TestCase)
 TestSchedulersAgree.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+def test_a_waiting_queue_moves_up_when_a_more_urgent_message_comes(sched):
+    s = sched.Scheduler()
+    qa, qb = s.add_queue([]), s.add_queue([])
+    s.push(qa, "a-bulk", 0.0, priority=0)
+    for i in range(3):
+        s.push(qb, f"b-mid{i}", 0.0, priority=5)
+    s.push(qa, "a-urgent", 0.0, priority=10)
+    assert [s.pop(0.0)[1] for _ in range(5)] == ["a-urgent", "b-mid0", "b-mid1", "b-mid2", "a-bulk"]
+    # The same for queues parked on a bucket.
+    b = s.add_bucket("customer:acme", 1.0, 1.0, 0.0)
+    qc, qd = s.add_queue([b]), s.add_queue([b])
+    s.push(qc, "c-bulk0", 0.0)
+    s.push(qc, "c-bulk1", 0.0)
+    for i in range(3):
+        s.push(qd, f"d-mid{i}", 0.0, priority=5)
+    assert s.pop(0.0) == (qd, "d-mid0") and s.pop(0.0) is None
+    s.push(qc, "c-urgent", 0.0, priority=10)
+    assert s.bucket_waiters(b) == 2
+    assert [item for _, _, item in drain(s)] == ["c-urgent", "d-mid1", "d-mid2", "c-bulk0", "c-bulk1"]
