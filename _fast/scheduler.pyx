@@ -366,7 +366,8 @@ cdef inline bint _lt(const _Key* a, const _Key* b) noexcept nogil:
 
 
 # heapq's algorithms, step for step (and its names: _siftdown moves toward the
-# root). Keys are unique, so any heap would pop the same order; following heapq
+# root). Keys are unique (a waiter heap may hold a stale copy of a current entry,
+# equal in every field), so any heap would pop the same order; following heapq
 # matters only for NaN wake-up times, which compare false both ways.
 
 cdef inline void _siftdown(_Key* heap, Py_ssize_t start, Py_ssize_t pos) noexcept nogil:
@@ -435,8 +436,12 @@ cdef struct _Bucket:
     double tokens
     double updated
     double paused_until
-    _Turn* waiters          # heap of queues parked on this bucket
-    Py_ssize_t nwaiters, capwaiters
+    # Heap of queues parked on this bucket. An entry is current only while its queue is
+    # parked here under that key; a queue that moves up (a more urgent message came) leaves
+    # its old entry behind, skipped when it surfaces. ``nwait`` counts the current ones.
+    _Turn* waiters
+    Py_ssize_t nentries, capentries
+    Py_ssize_t nwait
     long long gen           # wake-ups of older generations are stale
     bint armed              # a wake-up of this bucket is pending
 
@@ -476,7 +481,7 @@ cdef struct _Queue:
     Py_ssize_t nbuckets
     Py_ssize_t parked_on
     Py_ssize_t released_from
-    long long key_prio      # its key in the runnable or waiter heap
+    long long key_prio      # its current key where it waits (runnable or waiter heap)
     long long key_seq
     int state
 
@@ -576,8 +581,9 @@ cdef class Scheduler:
         b.updated = t
         b.paused_until = -INFINITY
         b.waiters = NULL
-        b.nwaiters = 0
-        b.capwaiters = 0
+        b.nentries = 0
+        b.capentries = 0
+        b.nwait = 0
         b.gen = 0
         b.armed = False
         self._nbuckets += 1
@@ -638,7 +644,7 @@ cdef class Scheduler:
 
     def bucket_waiters(self, bid):
         """How many queues wait for this bucket (a measure of its saturation)."""
-        return self._buckets[self._bucket(bid)].nwaiters
+        return self._buckets[self._bucket(bid)].nwait
 
     @cython.final
     cdef int _rearm(self, Py_ssize_t bid, double now) except -1:
@@ -653,7 +659,7 @@ cdef class Scheduler:
         """Schedule the wake-up of a bucket that has waiters, when its next token is due."""
         cdef _Bucket* b = &self._buckets[bid]
         cdef _Wake w
-        if b.nwaiters and not b.armed:
+        if b.nwait and not b.armed:
             b.armed = True
             w.at = now + _delay(b, now)
             w.bid = bid
@@ -716,7 +722,7 @@ cdef class Scheduler:
 
     def set_queue_buckets(self, qid, buckets, now):
         """Replace a queue's buckets (rules changed); a parked queue gets checked again."""
-        cdef Py_ssize_t i = self._queue(qid), n, k
+        cdef Py_ssize_t i = self._queue(qid), n
         cdef Py_ssize_t* ids = self._bucket_ids(buckets, &n)
         cdef double t
         try:
@@ -736,24 +742,11 @@ cdef class Scheduler:
         key.seq = q.key_seq
         key.qid = i
         b = &self._buckets[q.parked_on]
-        k = 0
-        # Take the queue out of the waiter heap: the last waiter fills its place.
-        for k in range(b.nwaiters):
-            if b.waiters[k].qid == i:
-                break
-        # (The twin removes it and heapifies; waiter keys are distinct integers, so
-        # either way the heap pops the same order.)
-        b.nwaiters -= 1
-        if k < b.nwaiters:
-            b.waiters[k] = b.waiters[b.nwaiters]
-            if k and _lt(&b.waiters[k], &b.waiters[(k - 1) >> 1]):
-                _siftdown(b.waiters, 0, k)
-            else:
-                _siftup(b.waiters, b.nwaiters, k)
+        b.nwait -= 1                    # its entry in the waiter heap is stale from now on
         q.state = _RUNNABLE
         q.parked_on = -1
         _heappush(&self._runnable, &self._nrunnable, &self._caprunnable, key)
-        if not b.nwaiters and b.armed:
+        if not b.nwait and b.armed:
             b.armed = False
             b.gen += 1
 
@@ -798,20 +791,30 @@ cdef class Scheduler:
     @cython.final
     cdef int _enqueue(self, Py_ssize_t qid, long long prio, long long seq, Py_ssize_t slot) except -1:
         cdef _Queue* q = &self._queues[qid]
+        cdef _Bucket* b
         cdef _Msg m
         cdef _Turn turn
         m.prio = prio
         m.seq = seq
         m.slot = slot
         _heappush(&q.items, &q.n, &q.cap, m)
+        turn.prio = prio
+        turn.seq = seq
+        turn.qid = qid
         if q.state == _IDLE:
             q.state = _RUNNABLE
             q.key_prio = prio
             q.key_seq = seq
-            turn.prio = prio
-            turn.seq = seq
-            turn.qid = qid
             _heappush(&self._runnable, &self._nrunnable, &self._caprunnable, turn)
+        elif prio > q.key_prio:
+            # A more urgent head: the queue moves up where it waits (its old entry goes stale).
+            q.key_prio = prio
+            q.key_seq = seq
+            if q.state == _RUNNABLE:
+                _heappush(&self._runnable, &self._nrunnable, &self._caprunnable, turn)
+            else:
+                b = &self._buckets[q.parked_on]
+                _heappush(&b.waiters, &b.nentries, &b.capentries, turn)
         return 0
 
     @cython.final
@@ -831,13 +834,18 @@ cdef class Scheduler:
             if w.gen != b.gen or not b.armed:
                 continue
             b.armed = False
-            if b.nwaiters:
-                turn = _heappop(b.waiters, &b.nwaiters)
+            while b.nentries:
+                turn = _heappop(b.waiters, &b.nentries)
                 q = &self._queues[turn.qid]
+                if (q.state != _PARKED or q.parked_on != w.bid
+                        or q.key_prio != turn.prio or q.key_seq != turn.seq):
+                    continue                # stale
+                b.nwait -= 1
                 q.state = _RUNNABLE
                 q.parked_on = -1
                 q.released_from = w.bid
                 _heappush(&self._runnable, &self._nrunnable, &self._caprunnable, turn)
+                break
         return 0
 
     def pop(self, now):
@@ -854,6 +862,8 @@ cdef class Scheduler:
                 return None
             turn = _heappop(self._runnable, &self._nrunnable)
             q = &self._queues[turn.qid]
+            if q.state != _RUNNABLE or q.key_prio != turn.prio or q.key_seq != turn.seq:
+                continue                    # stale: the queue moved up meanwhile
             released_from = q.released_from
             q.released_from = -1
             blocked = -1
@@ -864,10 +874,9 @@ cdef class Scheduler:
             if blocked >= 0:
                 q.state = _PARKED
                 q.parked_on = blocked
-                q.key_prio = turn.prio
-                q.key_seq = turn.seq
                 b = &self._buckets[blocked]
-                _heappush(&b.waiters, &b.nwaiters, &b.capwaiters, turn)
+                _heappush(&b.waiters, &b.nentries, &b.capentries, turn)
+                b.nwait += 1
                 self._arm(blocked, t)
                 if released_from >= 0:
                     self._arm(released_from, t)
