@@ -604,7 +604,8 @@ class Dispatcher:
             wake = min(self._timers.peek_due(), self.shaper.next_wakeup())
             self._wakeup = trio.Event()
             self._sleep_until = wake
-            with trio.move_on_after(wake - self.now() if wake != math.inf else math.inf):
+            # The clock moved on while releasing: the next token may be due already.
+            with trio.move_on_after(max(0.0, wake - self.now())):
                 await self._wakeup.wait()
 
     async def _reap_idle(self) -> None:
