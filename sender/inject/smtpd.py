@@ -73,11 +73,12 @@ def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
     application says whose mail it is and what kind, over SMTP. They never reach the
     recipient (like PowerMTA's x-virtual-mta)."""
     end = body.find(b"\r\n\r\n")
-    head = body[: end + 2] if end >= 0 else body
-    meta = {m.group(1).decode().lower(): m.group(2).decode("utf-8", "replace") for m in _CONTROL.finditer(head)}
-    if not meta:
+    end = end + 2 if end >= 0 else len(body)
+    if _CONTROL.search(body, 0, end) is None:     # the common case: no copy of anything
         return body, {}
-    return _CONTROL.sub(b"", head) + body[len(head):], meta
+    head = body[:end]
+    meta = {m.group(1).decode().lower(): m.group(2).decode("utf-8", "replace") for m in _CONTROL.finditer(head)}
+    return _CONTROL.sub(b"", head) + body[end:], meta
 
 
 class _Session:
