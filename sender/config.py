@@ -307,9 +307,22 @@ def _check_shaping(sh: ShapingConfig) -> None:
 _KEY_RE = re.compile(r"at `\$\.?(.*?)`")
 
 
-def _key_of(err: msgspec.ValidationError) -> str:
+_SHAPING_BLOCKS = {"provider": ProviderShaping, "domain": DomainShaping, "customer": RateLimit, "source": RateLimit}
+
+
+def _key_of(err: msgspec.ValidationError, data: dict) -> str:
     m = _KEY_RE.search(str(err))
-    return (m.group(1) if m else "") or "(top level)"
+    key = (m.group(1) if m else "") or "(top level)"
+    level = key.removeprefix("shaping.").partition("[...]")[0]
+    if key.startswith("shaping.") and "[...]" in key and level in _SHAPING_BLOCKS:
+        # msgspec does not name dict keys in its paths: find the block that fails.
+        blocks = data.get("shaping", {}).get(level, {})
+        for name, block in blocks.items() if isinstance(blocks, dict) else ():
+            try:
+                msgspec.convert(block, _SHAPING_BLOCKS[level])
+            except msgspec.ValidationError as inner:
+                return f"shaping.{level}.{name}" + (f".{_key_of(inner, {})}" if _KEY_RE.search(str(inner)) else "")
+    return key
 
 
 def parse_config(data: dict) -> Config:
@@ -320,7 +333,7 @@ def parse_config(data: dict) -> Config:
         msg = str(e)
         if "__post_init__" in msg or isinstance(e.__cause__, ConfigError):
             raise ConfigError(msg.split(" - at ")[0]) from None
-        raise ConfigError(f"{_key_of(e)}: {msg.split(' - at ')[0]}") from None
+        raise ConfigError(f"{_key_of(e, data)}: {msg.split(' - at ')[0]}") from None
 
 
 def load_config(path: str | Path | None) -> Config:

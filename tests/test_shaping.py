@@ -353,6 +353,10 @@ def test_rates_parse_with_units_and_burst():
 
 
 def test_bad_shaping_values_name_their_key():
+    with pytest.raises(ConfigError, match=r"^shaping.provider.g: Object contains unknown field `bogus`"):
+        parse_config({"shaping": {"provider": {"g": {"bogus": 0}}}})
+    with pytest.raises(ConfigError, match=r"^shaping.customer.a.max_message_rate: Expected `str"):
+        parse_config({"shaping": {"customer": {"a": {"max_message_rate": 5}}}})
     with pytest.raises(ConfigError, match="shaping.provider.g.connection_limit: must be at least 1"):
         parse_config({"shaping": {"provider": {"g": {"connection_limit": 0}}}})
     with pytest.raises(ConfigError, match="shaping.default.backoff_step"):
