@@ -42,7 +42,7 @@ async def until(cond) -> None:
             await trio.sleep(0.01)
 
 
-async def test_domains_sharing_mx_hosts_share_one_site_and_a_4xx_greeting_moves_on(tmp_path):
+async def test_domains_sharing_mx_hosts_share_one_site_and_a_refusal_or_4xx_greeting_moves_on(tmp_path):
     good = Sink()
     good.messages = []
     with DNSServer() as dns:
@@ -52,8 +52,10 @@ async def test_domains_sharing_mx_hosts_share_one_site_and_a_4xx_greeting_moves_
             n.start_soon(refuse_with_421, busy)
             dns.soa("test", minimum=60)
             for domain in ("a.test", "b.test"):
+                dns.add(domain, "MX", "5 mx0.bigmail.test.")
                 dns.add(domain, "MX", "10 mx1.bigmail.test.")
                 dns.add(domain, "MX", "20 mx2.bigmail.test.")
+            dns.add("mx0.bigmail.test", "A", "127.0.0.23")      # nothing listens: refused
             dns.add("mx1.bigmail.test", "A", "127.0.0.21")
             dns.add("mx2.bigmail.test", "A", "127.0.0.22")
             cfg = engine_config(tmp_path, dns, port, {"provider": {"bigmail": {"match": [".bigmail.test"]}}})
@@ -64,7 +66,8 @@ async def test_domains_sharing_mx_hosts_share_one_site_and_a_4xx_greeting_moves_
             stats = engine.dispatcher.statistics()
             n.cancel_scope.cancel()
     # One site for both domains: the set of MX hosts, matched to its provider by suffix.
-    assert [(s.site, s.provider) for s in stats] == [(f"mx1.bigmail.test,mx2.bigmail.test:{port}", "bigmail")]
+    site = f"mx0.bigmail.test,mx1.bigmail.test,mx2.bigmail.test:{port}"
+    assert [(s.site, s.provider) for s in stats] == [(site, "bigmail")]
     assert len(good.messages) == 20 and engine.counts["deferred"] == 0
     assert dns.queries[("a.test", "MX")] == 1 and dns.queries[("b.test", "MX")] == 1
 
