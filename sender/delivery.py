@@ -100,15 +100,15 @@ class SitePool:
     Args:
       key: the path's name, e.g. "mx1.example.com,mx2.example.com:25" (the site, prefixed by
         "SOURCE>" when mail leaves from a configured source address).
-      hosts: (name, address or None, port, preference) of every way in, in MX order.
-      provider: the mailbox provider whose limits apply ("" for none).
+      hosts: (name, address or None, port, preference) of every way in, in MX order. The
+        provider whose limits apply is the one that matches these names.
     """
 
-    def __init__(self, key: str, hosts: list[tuple[str, str | None, int, int]], provider: str,
-                 dispatcher: "Dispatcher") -> None:
+    def __init__(self, key: str, hosts: list[tuple[str, str | None, int, int]], dispatcher: "Dispatcher") -> None:
         self.key = key
         self.hosts = hosts
-        self.provider = provider
+        self.names = tuple(sorted({h[0] for h in hosts}))
+        self.provider = dispatcher.shaper.rules.provider_of(self.names)
         self.source = dispatcher.config.delivery.source
         self.d = dispatcher
         self.site_bucket = dispatcher.shaper.path_bucket(self, dispatcher.now())
@@ -433,6 +433,15 @@ class ConnectionGate:
         self.open[pool.provider] = n + 1
         return True
 
+    def rematch(self, pool: SitePool, provider: str) -> None:
+        """The rules now put ``pool`` under another provider: its open connections move along."""
+        self.open[pool.provider] = self.open.get(pool.provider, 0) - pool.workers
+        self.open[provider] = self.open.get(provider, 0) + pool.workers
+        line = self.waiting.get(pool.provider)
+        if line and pool in line:
+            line.remove(pool)
+        pool.provider = provider
+
     def release(self, pool: SitePool) -> None:
         self.open[pool.provider] -= 1
         line = self.waiting.get(pool.provider)
@@ -505,7 +514,7 @@ class Dispatcher:
         target = match_route(d.domain, self.routes)
         if target is not None:
             host, port = target
-            pool = self._pool(f"{host}:{port}", [(host, None, port, 0)], self.shaper.rules.provider_of((host,)))
+            pool = self._pool(f"{host}:{port}", [(host, None, port, 0)])
             self._domain_site[d.domain] = (pool, math.inf)
             self.shaper.push(d, pool, now)
             self._release(now)
@@ -522,12 +531,12 @@ class Dispatcher:
         entry = self._domain_site.get(domain)
         return self.shaper.rules.retry_policy(domain, entry[0].provider if entry else "")
 
-    def _pool(self, site: str, hosts: list[tuple[str, str | None, int, int]], provider: str) -> SitePool:
+    def _pool(self, site: str, hosts: list[tuple[str, str | None, int, int]]) -> SitePool:
         source = self.config.delivery.source
         key = f"{source}>{site}" if source else site
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = SitePool(key, hosts, provider, self)
+            pool = self.pools[key] = SitePool(key, hosts, self)
             pool.start()
         return pool
 
@@ -547,7 +556,7 @@ class Dispatcher:
             return
         names = tuple(sorted({mx.name for mx in mxs}))
         hosts = [(mx.name, addr, port, mx.preference) for mx in mxs for addr in mx.addresses]
-        pool = self._pool(",".join(names) + f":{port}", hosts, self.shaper.rules.provider_of(names))
+        pool = self._pool(",".join(names) + f":{port}", hosts)
         now = self.now()
         self._domain_site[domain] = (pool, now + ROUTE_TTL)
         for d in self._resolving.pop(domain, []):
@@ -584,7 +593,12 @@ class Dispatcher:
     def replace_rules(self, config: Config) -> None:
         """New shaping rules at run time (SIGHUP, admin API): limits, providers, priorities
         and retry policy change in place; queued mail keeps its place."""
-        self.shaper.replace(Rules(config), self.now())
+        rules = Rules(config)
+        for pool in self.pools.values():
+            provider = rules.provider_of(pool.names)
+            if provider != pool.provider:
+                self.connections.rematch(pool, provider)
+        self.shaper.replace(rules, self.now())
         for pool in self.pools.values():
             while pool.spawn():
                 pass

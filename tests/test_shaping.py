@@ -257,6 +257,28 @@ async def test_new_rules_apply_at_run_time_and_queued_mail_keeps_its_place(tmp_p
     assert max(t for t, _ in sink.seen) - t0 == pytest.approx(4.9, abs=0.3)
 
 
+async def test_a_new_provider_block_applies_to_paths_already_open(tmp_path, autojump_clock):
+    sink = TimedSink(load_rules('[[rule]]\nmatch = "*"\naction = "delay"\ndelay = 1'))
+    routes = [("y.test", "mx1.bigmail.example:25")]
+    async with trio.open_nursery() as n:
+        engine = await start(n, config(tmp_path, routes, connection_limit=5), Sinks(**{"mx1.bigmail.example": sink}))
+        for i in range(10):
+            await engine.submit("s@x.test", [f"u{i}@y.test"], BODY)
+        await trio.sleep(0.5)                          # five connections busy, five messages queued
+        engine.dispatcher.replace_rules(config(tmp_path, routes, {"provider": {"bigmail": {
+            "match": [".bigmail.example"], "provider_max_message_rate": "1/h", "provider_connection_limit": 1}}},
+            connection_limit=5))
+        for i in range(10, 20):
+            await engine.submit("s@x.test", [f"u{i}@y.test"], BODY)
+        await trio.sleep(600)
+        (stats,) = engine.dispatcher.statistics()
+        gate = engine.dispatcher.connections.open
+        n.cancel_scope.cancel()
+    assert stats.provider == "bigmail"
+    assert len(sink.seen) == 11                        # the first ten, then one token of the new limit
+    assert gate == {"": 0, "bigmail": 0}
+
+
 async def test_provider_connection_limit_spans_its_sites(tmp_path, autojump_clock):
     slow = TimedSink(load_rules('[[rule]]\nmatch = "*"\naction = "delay"\ndelay = 5'))
     routes = [(f"d{i}.test", f"mx{i}.bigmail.example:25") for i in range(3)]
