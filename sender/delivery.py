@@ -32,7 +32,7 @@ import outcome
 import trio
 
 from .config import Config, parse_hostport
-from .dns import Resolver
+from .dns import NullMX, Resolver
 from .errors import ConnectError, DNSError, SessionError
 from .model import Delivery, Reply
 from .scheduler import TimerHeap, TokenBucket
@@ -546,8 +546,12 @@ class Dispatcher:
             mxs = await self.resolver.mx(domain)
         except DNSError as e:
             waiting = self._resolving.pop(domain, [])
-            permanent = getattr(e, "permanent", False)
-            reply = _local_reply(550 if permanent else 451, "5.1.2" if permanent else "4.4.3", str(e))
+            if isinstance(e, NullMX):           # RFC 7505 section 4.3
+                reply = _local_reply(556, "5.1.10", str(e))
+            elif e.permanent:
+                reply = _local_reply(550, "5.1.2", str(e))
+            else:
+                reply = _local_reply(451, "4.4.3", str(e))
             for d in waiting:
                 if reply.is_permanent:
                     self.outcomes.bounced(d, d.rcpts, reply)

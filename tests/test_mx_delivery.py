@@ -10,9 +10,11 @@ import trio
 
 from sender.config import parse_config
 from sender.engine import Engine
+from sender.model import Bounced, Deferred
 from sender.sink import Sink
 
 from dnsserver import DNSServer
+from helpers import journal_records
 
 BOUND = 10
 BODY = b"Subject: t\r\n\r\nhello\r\n"
@@ -85,3 +87,7 @@ async def test_null_mx_and_nxdomain_bounce_at_once_and_servfail_defers(tmp_path)
             await until(lambda: engine.counts["bounced"] == 2 and engine.counts["deferred"] == 1)
             n.cancel_scope.cancel()
     assert engine.counts["delivered"] == 0
+    replies = {r.rcpts[0]: r.reply for r in journal_records(tmp_path / "spool") if isinstance(r, (Bounced, Deferred))}
+    assert (replies["u@nullmx.test"].code, replies["u@nullmx.test"].enhanced) == (556, "5.1.10")
+    assert (replies["u@nosuch.test"].code, replies["u@nosuch.test"].enhanced) == (550, "5.1.2")
+    assert (replies["u@broken.test"].code, replies["u@broken.test"].enhanced) == (451, "4.4.3")
