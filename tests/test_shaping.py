@@ -430,3 +430,26 @@ async def test_fast_limits_hold_on_the_real_clock(tmp_path):
     # Timed at release, the limit shows at the sink as a whole: 2,000 messages take 0.5 s.
     times = [t for t, _ in sink.seen]
     assert max(times) - min(times) >= 0.49
+
+
+def test_the_shaper_says_which_limit_holds_a_delivery_and_until_when(tmp_path):
+    from sender.model import Delivery
+    from sender.shaping import Shaper
+
+    class P:
+        key, source, provider = "mx:25", "", ""
+
+    rules = Rules(config(tmp_path, [], {"domain": {"y.test": {"max_message_rate": "1/min"}},
+                                        "customer": {"acme": {"max_message_rate": "10/s"}}}))
+    shaper = Shaper(rules, 0.0)
+    p = P()
+    p.site_bucket = shaper.path_bucket(p, 0.0)
+    first, second = (Delivery(f"M{i}", "s@x.test", "y.test", ["u@y.test"], 0, 0, 0, 0.0, customer="acme")
+                     for i in range(2))
+    shaper.push(first, p, 100.0)
+    shaper.push(second, p, 100.0)
+    assert shaper.pop(100.0) == (p, first)
+    assert shaper.pop(100.0) is None
+    assert shaper.held(second, p, 100.0) == ("domain:y.test", pytest.approx(160.0))
+    assert shaper.next_wakeup() == pytest.approx(160.0)
+    assert shaper.pop(160.0) == (p, second)
