@@ -226,20 +226,18 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
     children: list[subprocess.Popen] = []
     stopping = False
 
+    def forward(signum, _frame) -> None:
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
     def relay(signum, _frame) -> None:
         nonlocal stopping
         stopping = True
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
-
-    def relay_hup(signum, _frame) -> None:
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
+        forward(signum, _frame)
 
     old = {sig: signal.signal(sig, relay) for sig in (signal.SIGTERM, signal.SIGINT)}
-    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, relay_hup)
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
     try:
         for i in range(n):
             children.append(subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], pass_fds=fds,

@@ -50,9 +50,13 @@ class EngineStatistics(msgspec.Struct, frozen=True):
 
 
 def max_in_flight(config: Config) -> int:
-    """Most messages whose delivery can be under way at once per site: one transaction per
-    connection. After a crash, only these can be delivered twice."""
-    return config.delivery.connection_limit
+    """Most messages whose delivery can be under way at once per path: one transaction per
+    connection, at the largest connection_limit a path may have. After a crash, only these
+    can be delivered twice."""
+    sh = config.shaping
+    limits = [config.delivery.connection_limit, sh.default.connection_limit,
+              *(p.connection_limit for p in sh.provider.values())]
+    return max(n for n in limits if n is not None)
 
 
 def split_by_domain(rcpts: list[str]) -> dict[str, list[str]]:
