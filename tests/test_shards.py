@@ -143,3 +143,16 @@ def test_a_shard_that_dies_stops_the_daemon_with_an_error(tmp_path):
     assert status != 0
     assert "stopped;" in out.read_text()          # the surviving shard stopped cleanly
     assert not alive(second)
+
+
+def test_sighup_reaches_every_shard(tmp_path):
+    proc, out, _, _ = start_daemon(tmp_path, "hup")
+    try:
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while out.read_text().count("shaping rules reloaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert out.read_text().count("shaping rules reloaded") == 2
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) == 0
