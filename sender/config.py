@@ -25,6 +25,7 @@ __all__ = [
     "DnsConfig",
     "DaemonConfig",
     "ShapingConfig",
+    "SuppressionConfig",
     "SiteShaping",
     "ProviderShaping",
     "DomainShaping",
@@ -224,6 +225,15 @@ class ShapingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=lambda: {"transactional": 10, "": 0, "marketing": -10})
 
 
+class SuppressionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Per-customer suppression of addresses that bounced for good or complained."""
+
+    enabled: bool = True
+    # Invalid recipients and complaints stay until removed; these expire.
+    bad_domain_ttl: float | str = "7d"
+    inactive_mailbox_ttl: float | str = "90d"
+
+
 class DaemonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Independent engine processes sharing one listening socket (the least busy accepts), each
     # with its own journal under spool.path/shard-N and 1/N of each connection limit.
@@ -242,6 +252,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     shaping: ShapingConfig = msgspec.field(default_factory=ShapingConfig)
+    suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
 
     def __post_init__(self) -> None:
         # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.
@@ -268,6 +279,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not 0 < d.port < 65536:
             raise ConfigError(f"delivery.port: {d.port} out of range")
         _check_shaping(self.shaping)
+        for name in ("bad_domain_ttl", "inactive_mailbox_ttl"):
+            setattr(self.suppression, name, parse_duration(getattr(self.suppression, name), f"suppression.{name}"))
         for i, r in enumerate(self.route):
             parse_hostport(r.relay, f"route[{i}].relay", default_port=d.port)
             if not r.match or " " in r.match:

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import trio
@@ -23,11 +24,13 @@ import trio
 from .config import Config
 from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
+from .suppression import Entry, SuppressionList
 from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
 from .model import Accepted, Bounced, Deferred, Delivered, Delivery, Expired, Reply
 
-__all__ = ["Engine", "EngineStatistics", "SpoolFull", "max_in_flight", "split_by_domain"]
+__all__ = ["Engine", "EngineStatistics", "SpoolFull", "Suppressed", "max_in_flight", "split_by_domain",
+           "suppression_path"]
 
 log = logging.getLogger("sender.engine")
 
@@ -36,12 +39,23 @@ class SpoolFull(Exception):
     """The spool is over ``spool.max_bytes``: injection must answer 452 4.3.1 until it drains."""
 
 
+class Suppressed(UsageError):
+    """Every recipient is on the customer's suppression list; ``entries`` says why for each."""
+
+    def __init__(self, entries: dict[str, Entry]) -> None:
+        self.entries = entries
+        super().__init__("recipients suppressed: " + "; ".join(
+            f"{addr} ({e.reason} since {time.strftime('%Y-%m-%d', time.gmtime(e.added_at))})"
+            for addr, e in entries.items()))
+
+
 class EngineStatistics(msgspec.Struct, frozen=True):
     accepted: int
     delivered: int
     deferred: int
     bounced: int
     expired: int
+    suppressed: int
     queued: int
     in_flight: int
     live_messages: int
@@ -57,6 +71,12 @@ def max_in_flight(config: Config) -> int:
     limits = [config.delivery.connection_limit, sh.default.connection_limit,
               *(p.connection_limit for p in sh.provider.values())]
     return max(n for n in limits if n is not None)
+
+
+def suppression_path(config: Config) -> Path:
+    """The suppression log: in the spool, or beside the shards' spools (they share it)."""
+    spool = Path(config.spool.path)
+    return (spool.parent if config.daemon.processes > 1 else spool) / "suppression.log"
 
 
 def split_by_domain(rcpts: list[str]) -> dict[str, list[str]]:
@@ -88,7 +108,11 @@ class Engine:
         self._epoch = 0.0
         self._last_id = 0
         self._pid = os.getpid() & 0xFFF
-        self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired"), 0)
+        self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired", "suppressed"), 0)
+        su = config.suppression
+        self.suppression = SuppressionList(
+            suppression_path(config), {"bad_domain": su.bad_domain_ttl, "inactive_mailbox": su.inactive_mailbox_ttl},
+            shared=config.daemon.processes > 1) if su.enabled else None
         self._wait_outcomes = sp.fsync == "always"
         self._nursery: trio.Nursery | None = None
         self._drained = trio.Event()
@@ -130,6 +154,8 @@ class Engine:
             for d in list(live.values()):
                 self._track(d, now)
             nursery.start_soon(self._compactor)
+            if self.suppression is not None:
+                nursery.start_soon(self._suppression_sync)
             log.info("engine started: %d messages in the queue", len(self._live))
             task_status.started(self)
 
@@ -173,8 +199,11 @@ class Engine:
           message_type: e.g. "transactional" or "marketing": its priority (``shaping.priority``).
           msg_id: an id from :meth:`new_id` when the caller needed it earlier (trace headers).
 
+        Recipients on the customer's suppression list are left out (see :meth:`suppressed`).
+
         Raises:
           UsageError: no recipients, or an address without a domain.
+          Suppressed: every recipient is suppressed; nothing was queued.
           SpoolFull: the spool is over its size limit.
         """
         if not rcpts:
@@ -185,8 +214,15 @@ class Engine:
                 raise UsageError(f"rcpts: invalid recipient address {r!r}")
         if self.spool_full:
             raise SpoolFull(f"spool is over its limit of {self.config.spool.max_bytes} bytes")
-        msg_id = msg_id or self._new_id()
         now = self.now()
+        suppressed = self.suppressed(customer, rcpts, now)
+        if suppressed:
+            if len(suppressed) == len(rcpts):
+                self.counts["suppressed"] += len(rcpts)
+                raise Suppressed(suppressed)
+            self.counts["suppressed"] += len(suppressed)
+            rcpts = [r for r in rcpts if r not in suppressed]
+        msg_id = msg_id or self._new_id()
         sender = sys.intern(sender)
         rec = Accepted(id=msg_id, sender=sender, rcpts=list(rcpts), received_at=now, body=body,
                        customer=customer, message_type=message_type)
@@ -196,6 +232,21 @@ class Engine:
                              offset=loc.offset, length=loc.length, received_at=now, customer=customer,
                              message_type=message_type))
         return msg_id
+
+    def suppressed(self, customer: str, rcpts: list[str], now: float | None = None) -> dict[str, Entry]:
+        """The recipients that ``customer`` must not mail, with the entry that says why."""
+        if self.suppression is None:
+            return {}
+        now = self.now() if now is None else now
+        check = self.suppression.check
+        return {r: e for r in rcpts if (e := check(customer, r, now)) is not None}
+
+    async def _suppression_sync(self) -> None:
+        """Once a second: read what sibling shards added, and fsync what this one added."""
+        while True:
+            await trio.sleep(1.0)
+            self.suppression.refresh()
+            await trio.to_thread.run_sync(self.suppression.sync)
 
     # ---------------------------------------------------------------- outcomes (called by delivery)
 

@@ -76,8 +76,9 @@ def test_two_shards_share_the_port_and_keep_their_own_journals(tmp_path, capsys)
         status = stop(proc)
     assert status == 0
     assert out.read_text().count("sender: stopped;") == 2
-    shard_dirs = sorted(p.name for p in (tmp_path / "spool").iterdir())
+    shard_dirs = sorted(p.name for p in (tmp_path / "spool").iterdir() if p.is_dir())
     assert shard_dirs == ["shard-0", "shard-1"]
+    assert (tmp_path / "spool" / "suppression.log").exists()        # one list, shared
     assert main(["queue", "--spool", str(tmp_path / "spool"), "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out)["messages"] == 30
     for shard in shard_dirs:

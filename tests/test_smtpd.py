@@ -23,7 +23,7 @@ from sender.sink import Sink, load_rules
 from helpers import RawSMTP, has_enhanced_code, journal_records
 
 BOUND = 5.0  # seconds; every wait on the network is bounded by this
-QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as ([0-9A-F]+)$")
+QUEUED = re.compile(r"^250 2\.0\.0 Ok: queued as ([0-9A-F]+)(?:;|$)")
 
 
 def split_trace(body: bytes) -> tuple[bytes, bytes]:
@@ -325,3 +325,21 @@ def test_control_headers_are_only_read_from_the_header_block():
     body = b"Subject: x\r\n\r\nX-Sender-Customer: evil\r\n"
     assert take_control_headers(body) == (body, {})
     assert take_control_headers(b"X-Sender-Customer: a\r\n\r\n") == (b"\r\n", {"customer": "a"})
+
+
+async def test_suppressed_recipients_are_refused_for_their_customer_only(tmp_path):
+    def wire(customer: str) -> bytes:
+        return f"X-Sender-Customer: {customer}\r\nSubject: s\r\n\r\nhi\r\n".encode()
+
+    async with running(tmp_path) as env:
+        env.engine.suppression.add("acme", "gone@y.test", "invalid_recipient", env.engine.now(), source="M0")
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            refused = await send_message(c, "app@x.test", ["gone@y.test"], wire("acme"))
+            assert refused.startswith("550 5.7.1 ") and "gone@y.test (invalid_recipient since" in refused
+            assert QUEUED.match(await send_message(c, "app@x.test", ["gone@y.test"], wire("other")))
+            partial = await send_message(c, "app@x.test", ["gone@y.test", "ok@y.test"], wire("acme"))
+            assert QUEUED.match(partial) and "suppressed, not queued: gone@y.test" in partial
+            await env.wait_received(2)
+    assert sorted(r for _, rcpts, _ in env.sink.received for r in rcpts) == ["gone@y.test", "ok@y.test"]
+    assert env.engine.counts["suppressed"] == 2

@@ -14,7 +14,7 @@ import time
 import trio
 
 from ..config import parse_hostport
-from ..engine import Engine, SpoolFull
+from ..engine import Engine, SpoolFull, Suppressed
 from ..errors import UsageError
 from ..smtp.sockets import FastListener, open_listener
 from ..smtp.serve import Answer, IdleWatchdog, serve_session
@@ -112,13 +112,19 @@ class _Session:
         msg_id = self.engine.new_id()
         rcpts = list(ev.rcpts)
         body, meta = take_control_headers(ev.body)
+        customer = meta.get("customer", "")
+        skipped = self.engine.suppressed(customer, rcpts)
         try:
             await self.engine.submit(ev.sender, rcpts, self._received(msg_id, rcpts) + body, msg_id=msg_id,
-                                     customer=meta.get("customer", ""), message_type=meta.get("message-type", ""))
+                                     customer=customer, message_type=meta.get("message-type", ""))
         except SpoolFull:
             return _SPOOL_FULL
+        except Suppressed as e:
+            return 550, "5.7.1", str(e)
         except UsageError as e:
             return 554, "5.5.4", str(e)
+        if skipped:
+            return 250, "2.0.0", f"Ok: queued as {msg_id}; suppressed, not queued: {', '.join(skipped)}"
         return 250, "2.0.0", f"Ok: queued as {msg_id}"
 
 
