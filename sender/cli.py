@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import socket
 import sys
 import time
 
+import msgspec
 import orjson
 import trio
 
@@ -85,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("queue", help="count queued messages by state and domain (daemon may be stopped)")
     q.add_argument("--spool", required=True, help="spool directory")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sup = sub.add_parser("suppression", help="list, add or remove suppressed addresses (daemon may be running)")
+    sup.add_argument("action", choices=("list", "add", "remove"))
+    sup.add_argument("address", nargs="?", help="the address to add or remove")
+    sup.add_argument("--spool", required=True, help="spool directory (the root one of a sharded daemon)")
+    sup.add_argument("--customer", default="", help="whose list (default: mail with no customer)")
+    sup.add_argument("--reason", default="manual", help="why, for add (e.g. complaint, invalid_recipient)")
+    sup.add_argument("--ttl", type=float, help="seconds until the entry expires, for add (default: never)")
+    sup.add_argument("--all", action="store_true", help="list every customer's entries")
 
     demo = sub.add_parser("demo", help="sink + daemon + load on loopback, then a report")
     demo.add_argument("--messages", type=_positive_int("--messages"), default=20000)
@@ -216,13 +227,51 @@ def _cmd_queue(args) -> int:
     return 0
 
 
+def _entry_json(e) -> str:
+    row = msgspec.structs.asdict(e)
+    if row["expires_at"] == math.inf:
+        row["expires_at"] = None        # never
+    return orjson.dumps(row).decode()
+
+
+def _cmd_suppression(args) -> int:
+    from .suppression import SuppressionList
+
+    if not os.path.isdir(args.spool):
+        raise ConfigError(f"--spool: no such directory: {args.spool}")
+    if args.action != "list" and not args.address:
+        raise ConfigError(f"suppression {args.action}: give the address")
+    if args.address and "@" not in args.address:
+        raise ConfigError(f"suppression {args.action}: not an address: {args.address!r}")
+    # Shared: a running daemon may append to the same file; it reads these changes within a second.
+    sl = SuppressionList(os.path.join(args.spool, "suppression.log"), shared=True)
+    now = time.time()
+    try:
+        if args.action == "add":
+            e = sl.add(args.customer, args.address, args.reason, now, source="cli",
+                       ttl=args.ttl if args.ttl is not None else math.inf)
+            print(_entry_json(e))
+        elif args.action == "remove":
+            if not sl.remove(args.customer, args.address, now):
+                print(f"sender suppression remove: {args.address} is not suppressed for customer "
+                      f"{args.customer!r}", file=sys.stderr)
+                return 1
+        else:
+            for e in sl.entries(now, None if args.all else args.customer):
+                print(_entry_json(e))
+    finally:
+        sl.close()
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return trio.run(lambda: run_demo(messages=args.messages, connections=args.connections, domains=args.domains))
 
 
-_COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "demo": _cmd_demo}
+_COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "suppression": _cmd_suppression,
+             "demo": _cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -255,3 +255,20 @@ def test_port_in_use_is_reported_in_one_line(tmp_path, processes):
     assert status == 1
     assert err.startswith(f"sender run: cannot listen on 127.0.0.1:{port}:"), err
     assert "Traceback" not in err
+
+
+def test_suppression_cli_adds_lists_and_removes(tmp_path, capsys):
+    spool = str(tmp_path)
+    assert main(["suppression", "add", "A@Y.test", "--spool", spool, "--customer", "acme", "--reason", "complaint"]) == 0
+    added = orjson.loads(capsys.readouterr().out)
+    assert (added["customer"], added["address"], added["reason"], added["expires_at"]) == (
+        "acme", "a@y.test", "complaint", None)
+    assert main(["suppression", "list", "--spool", spool, "--customer", "other"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["suppression", "remove", "a@y.test", "--spool", spool, "--customer", "other"]) == 1
+    assert "not suppressed for customer 'other'" in capsys.readouterr().err
+    assert main(["suppression", "remove", "a@y.test", "--spool", spool, "--customer", "acme"]) == 0
+    assert main(["suppression", "list", "--spool", spool, "--all"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["suppression", "add", "--spool", spool]) == 2
+    assert "give the address" in capsys.readouterr().err
