@@ -26,6 +26,7 @@ __all__ = [
     "DaemonConfig",
     "ShapingConfig",
     "SuppressionConfig",
+    "BouncesConfig",
     "SiteShaping",
     "ProviderShaping",
     "DomainShaping",
@@ -234,6 +235,15 @@ class SuppressionConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     inactive_mailbox_ttl: float | str = "90d"
 
 
+class BouncesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Return path of outbound mail: bounces+ID@domain (VERP), so a bounce names its message;
+    # mail the SMTP listener receives for this domain is read as bounces and complaints.
+    domain: str = ""
+    # Non-delivery reports (RFC 3464) to the envelope sender on a permanent failure or expiry.
+    notify: bool = True
+    notify_customer: dict[str, bool] = msgspec.field(default_factory=dict)   # per-customer override
+
+
 class DaemonConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Independent engine processes sharing one listening socket (the least busy accepts), each
     # with its own journal under spool.path/shard-N and 1/N of each connection limit.
@@ -253,6 +263,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     shaping: ShapingConfig = msgspec.field(default_factory=ShapingConfig)
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
+    bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
 
     def __post_init__(self) -> None:
         # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.

@@ -24,6 +24,7 @@ import trio
 from .config import Config
 from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
+from .ndr import build_report, wants_report
 from .suppression import Entry, SuppressionList
 from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
@@ -290,7 +291,27 @@ class Engine:
         self._record(Bounced(d.id, rcpts, self.now(), reply))
         self.counts["bounced"] += len(rcpts)
         log.info("bounced %s to %s: %s", d.id, ",".join(rcpts), reply)
+        self._report_failure(d, rcpts, reply)
         self._done(d, rcpts)
+
+    def _report_failure(self, d: Delivery, rcpts: list[str], reply: Reply) -> None:
+        """Send the envelope sender a non-delivery report, if it wants one (``[bounces]``)."""
+        bc = self.config.bounces
+        if not d.sender or not bc.notify_customer.get(d.customer, bc.notify) or self._nursery is None:
+            return
+        original = self.body(d)
+        if not wants_report(d.sender, original):
+            return
+        report = build_report(hostname=self.config.listen.hostname, msg_id=d.id, sender=d.sender,
+                              failed=[(r, reply, "") for r in rcpts], original=original,
+                              arrival=d.received_at, now=self.now())
+        self._nursery.start_soon(self._send_report, d, report)
+
+    async def _send_report(self, d: Delivery, report: bytes) -> None:
+        try:
+            await self.submit("", [d.sender], report, customer=d.customer, message_type="transactional")
+        except (UsageError, SpoolFull) as e:
+            log.warning("no non-delivery report for %s to %s: %s", d.id, d.sender, e)
 
     def deferred(self, d: Delivery, rcpts: list[str], reply: Reply) -> Delivery | None:
         """Journal a deferral of ``rcpts``; returns the delivery to retry, or None if it expired."""
@@ -302,6 +323,7 @@ class Engine:
             self._record(Expired(d.id, rcpts, now, reply))
             self.counts["expired"] += len(rcpts)
             log.info("expired %s to %s after %d attempts: %s", d.id, ",".join(rcpts), attempts, reply)
+            self._report_failure(d, rcpts, reply)
             self._done(d, rcpts)
             return None
         next_at = min(now + backoff(attempts, policy.retry_interval, policy.max_retry_interval), expires)

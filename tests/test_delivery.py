@@ -21,6 +21,7 @@ def make_config(tmp_path, routes, spool=None, **delivery):
         "listen": {"smtp": ""},
         "delivery": {"retry_interval": 60, "max_retry_interval": 600, "max_age": 3600, **delivery},
         "route": [{"match": m, "relay": r} for m, r in routes],
+        "bounces": {"notify": False},      # non-delivery reports: tests/test_ndr.py
     })
 
 

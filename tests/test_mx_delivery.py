@@ -27,6 +27,7 @@ def engine_config(tmp_path, dns: DNSServer, port: int, shaping=None):
         "delivery": {"port": port, "starttls": "never", "retry_interval": 60},
         "dns": {"nameservers": [dns.address], "timeout": 2.0},
         "shaping": shaping or {},
+        "bounces": {"notify": False},
     })
 
 

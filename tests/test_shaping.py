@@ -60,6 +60,7 @@ def config(tmp_path, routes, shaping=None, **delivery):
                      **delivery},
         "route": [{"match": m, "relay": r} for m, r in routes],
         "shaping": shaping or {},
+        "bounces": {"notify": False},
     })
 
 
