@@ -36,6 +36,7 @@ from .dns import NullMX, Resolver
 from .errors import ConnectError, DNSError, SessionError
 from .model import Delivery, Reply
 from .scheduler import TimerHeap, TokenBucket
+from .classify import classify_reply
 from .shaping import Rules, RetryPolicy, Shaper, is_rate_limited
 from .smtp.client import OpenStream, SMTPSession, Timeouts, TransactionResult, open_session, opportunistic_tls_context
 
@@ -46,10 +47,12 @@ class Outcomes(Protocol):
     """What the dispatcher reports; the engine journals each call."""
 
     def delivered(self, d: Delivery, rcpts: list[str], reply: Reply) -> None: ...
-    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply) -> None: ...
-    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply) -> Delivery | None:
+    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply, category: str) -> None: ...
+    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply, category: str) -> Delivery | None:
         """Journal a deferral; returns the delivery to retry, or None if it expired."""
     def body(self, d: Delivery) -> bytes: ...
+    def return_path(self, d: Delivery) -> str:
+        """The MAIL FROM address of ``d`` (a VERP address when bounces are read)."""
     async def settle(self) -> None:
         """Return once the outcomes reported so far are as durable as the policy asks."""
 
@@ -160,7 +163,7 @@ class SitePool:
         if self.suspended_reply is not None:
             if self.d.now() < self.suspended_until:
                 # Like Postfix's "delivery temporarily suspended": no connect per message.
-                self._fail(d, self.suspended_reply)
+                self._fail(d, self.suspended_reply, "connection_failure")
                 return
             self.suspended_reply = None
         self.queue.append(d)
@@ -316,7 +319,7 @@ class SitePool:
                 reply = _local_reply(_LOCAL_TEMP, "4.4.1", str(e))
                 if e.reply is not None and is_rate_limited(e.reply):
                     self.d.backoff(self)
-                self._fail(d, reply)
+                self._fail(d, reply, "connection_failure")
                 d = None
                 if self.sessions_up == 0:
                     # Nobody can reach the site: defer what waits for it, and what comes in
@@ -325,7 +328,7 @@ class SitePool:
                                                         f"delivery temporarily suspended: {reply.text}")
                     self.suspended_until = self.d.now() + self.d.config.delivery.retry_interval / 2
                     while self.queue:
-                        self._fail(self.queue.popleft(), reply)
+                        self._fail(self.queue.popleft(), reply, "connection_failure")
                 return
             self.sessions_up += 1
             self.sessions_opened += 1
@@ -344,14 +347,15 @@ class SitePool:
                 first, d = d, None
                 try:
                     if session.proto.pipelining:
-                        await session.pipeline(first, take_next, self.d.outcomes.body, self._report)
+                        await session.pipeline(first, take_next, self.d.outcomes.body, self._report,
+                                               self.d.outcomes.return_path)
                     else:
-                        self._report(first, await session.transaction(first.sender, first.rcpts,
+                        self._report(first, await session.transaction(self.d.outcomes.return_path(first), first.rcpts,
                                                                        self.d.outcomes.body(first)))
                 except SessionError as e:
                     reply = _local_reply(_LOCAL_TEMP, "4.4.2", str(e))
                     for lost in e.unfinished if e.unfinished is not None else [first]:
-                        self._fail(lost, reply)
+                        self._fail(lost, reply, "connection_failure")
                     return
                 finally:
                     await self.d.outcomes.settle()
@@ -369,13 +373,9 @@ class SitePool:
                 self.sessions_up -= 1
                 await session.quit()
 
-    def _fail(self, d: Delivery, reply: Reply) -> None:
+    def _fail(self, d: Delivery, reply: Reply, category: str = "") -> None:
         """The whole delivery failed before any reply about its recipients."""
-        out = self.d.outcomes
-        if reply.is_permanent:
-            out.bounced(d, d.rcpts, reply)
-        else:
-            self.d.retry(out.deferred(d, d.rcpts, reply))
+        self.d.failed(d, d.rcpts, reply, category, self)
 
     def _report(self, d: Delivery, res: TransactionResult) -> None:
         """Turn one transaction's replies into an outcome per recipient."""
@@ -383,34 +383,20 @@ class SitePool:
         self.transactions += 1
         per_rcpt = res.rcpts if res.mail.code // 100 == 2 else [res.mail] * len(d.rcpts)
         accepted: list[str] = []
-        soft: list[tuple[str, Reply]] = []
-        hard: list[tuple[str, Reply]] = []
+        failed: dict[Reply, list[str]] = {}
         for rcpt, reply in zip(d.rcpts, per_rcpt):
             if reply.code // 100 == 2:
                 accepted.append(rcpt)
-            elif reply.is_permanent:
-                hard.append((rcpt, reply))
             else:
-                soft.append((rcpt, reply))
+                failed.setdefault(reply, []).append(rcpt)
         if accepted:
             final = res.final
             if res.data_started and final.code // 100 == 2:
                 out.delivered(d, accepted, final)
-            elif final.is_permanent:
-                hard.extend((r, final) for r in accepted)
             else:
-                soft.extend((r, final) for r in accepted)
-        for group, report in ((hard, out.bounced), (soft, None)):
-            by_reply: dict[Reply, list[str]] = {}
-            for rcpt, reply in group:
-                by_reply.setdefault(reply, []).append(rcpt)
-            for reply, rcpts in by_reply.items():
-                if report is not None:
-                    report(d, rcpts, reply)
-                else:
-                    if is_rate_limited(reply):
-                        self.d.backoff(self)
-                    self.d.retry(out.deferred(d, rcpts, reply))
+                failed.setdefault(final, []).extend(accepted)
+        for reply, rcpts in failed.items():
+            self.d.failed(d, rcpts, reply, "", self)
 
 
 class ConnectionGate:
@@ -527,6 +513,23 @@ class Dispatcher:
         if d is not None:
             self.submit(d)
 
+    def failed(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "",
+               pool: SitePool | None = None) -> None:
+        """``rcpts`` of ``d`` failed with ``reply``. A remote reply is classified: its category
+        decides whether it bounces now or is retried, and a rate-limiting one slows the path
+        down. A reply made here comes with its ``category`` and is permanent if it says 5xx."""
+        if category:
+            permanent = reply.is_permanent
+        else:
+            c = classify_reply(reply)
+            category, permanent = c.category, c.permanent
+            if pool is not None and is_rate_limited(reply):
+                self.backoff(pool)
+        if permanent:
+            self.outcomes.bounced(d, rcpts, reply, category)
+        else:
+            self.retry(self.outcomes.deferred(d, rcpts, reply, category))
+
     def retry_policy(self, domain: str) -> RetryPolicy:
         entry = self._domain_site.get(domain)
         return self.shaper.rules.retry_policy(domain, entry[0].provider if entry else "")
@@ -553,10 +556,7 @@ class Dispatcher:
             else:
                 reply = _local_reply(451, "4.4.3", str(e))
             for d in waiting:
-                if reply.is_permanent:
-                    self.outcomes.bounced(d, d.rcpts, reply)
-                else:
-                    self.retry(self.outcomes.deferred(d, d.rcpts, reply))
+                self.failed(d, d.rcpts, reply, getattr(e, "category", "dns_failure"))
             return
         names = tuple(sorted({mx.name for mx in mxs}))
         hosts = [(mx.name, addr, port, mx.preference) for mx in mxs for addr in mx.addresses]
@@ -577,7 +577,7 @@ class Dispatcher:
             pool, d = got
             if now >= d.received_at + self.shaper.rules.retry_policy(d.domain, pool.provider).max_age:
                 held = f" (held by {pool.key})" if d.attempts == 0 else ""
-                pool._fail(d, _local_reply(_LOCAL_TEMP, "4.4.7", f"message expired in the queue{held}"))
+                pool._fail(d, _local_reply(_LOCAL_TEMP, "4.4.7", f"message expired in the queue{held}"), "expired")
                 continue
             pool.push(d)
         self._poke(shaper.next_wakeup())

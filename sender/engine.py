@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ import trio
 from .config import Config
 from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
+from .dsn import Report, parse as parse_report, verp_address, verp_id
 from .ndr import build_report, wants_report
-from .suppression import Entry, SuppressionList
+from .suppression import SUPPRESSING_CATEGORIES, Entry, SuppressionList
 from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
 from .model import Accepted, Bounced, Deferred, Delivered, Delivery, Expired, Reply
@@ -34,6 +36,11 @@ __all__ = ["Engine", "EngineStatistics", "SpoolFull", "Suppressed", "max_in_flig
            "suppression_path"]
 
 log = logging.getLogger("sender.engine")
+
+# Greylisting servers accept a retry after a few minutes (postgrey's default: 300 s).
+GREYLIST_RETRY = 300.0
+_ID_LEN = 17                    # message ids: 14 hex digits of microseconds, 3 of the pid
+_VERP_CUSTOMER_MAX = 19         # bytes: "bounces+" + 17 + 2 x 19 = 63, within the 64 of a local part
 
 
 class SpoolFull(Exception):
@@ -57,6 +64,8 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     bounced: int
     expired: int
     suppressed: int
+    bounced_later: int          # bounces that came back after the remote host had accepted
+    complaints: int
     queued: int
     in_flight: int
     live_messages: int
@@ -109,7 +118,8 @@ class Engine:
         self._epoch = 0.0
         self._last_id = 0
         self._pid = os.getpid() & 0xFFF
-        self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired", "suppressed"), 0)
+        self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired", "suppressed",
+                                     "bounced_later", "complaints"), 0)
         su = config.suppression
         self.suppression = SuppressionList(
             suppression_path(config), {"bad_domain": su.bad_domain_ttl, "inactive_mailbox": su.inactive_mailbox_ttl},
@@ -251,6 +261,54 @@ class Engine:
 
     # ---------------------------------------------------------------- outcomes (called by delivery)
 
+    def return_path(self, d: Delivery) -> str:
+        """``bounces+ID@bounces.domain`` (VERP) when ``bounces.domain`` is set: a bounce then
+        names its message. ID is the message id, then the customer in hex when it is short
+        enough for the 64-byte local part (it finds the customer's suppression list once the
+        message is gone from the queue). The null sender stays null."""
+        domain = self.config.bounces.domain
+        if not domain or not d.sender:
+            return d.sender
+        customer = d.customer.encode().hex() if len(d.customer.encode()) <= _VERP_CUSTOMER_MAX else ""
+        return verp_address(d.id + customer, domain)
+
+    def take_report(self, envelope_rcpts: list[str], raw: bytes) -> Report:
+        """A bounce or complaint arrived at the bounce domain: record the outcome against the
+        message and recipient it names, and suppress the address for that customer when the
+        failure is for good or it is a complaint."""
+        domain = self.config.bounces.domain
+        report = parse_report(raw, bounce_domain=domain)
+        vid = report.verp_id or next((v for r in envelope_rcpts if (v := verp_id(r, domain))), None)
+        if vid is None or len(vid) < _ID_LEN:
+            log.info("report without a message id of ours (%s): ignored", report.kind)
+            return report
+        msg_id = vid[:_ID_LEN]
+        try:
+            customer = bytes.fromhex(vid[_ID_LEN:]).decode()
+        except ValueError:
+            customer = ""
+        live = self._live.get(msg_id)
+        if live is not None:
+            customer = (live[0] if isinstance(live, list) else live).customer
+        now = self.now()
+        for r in report.recipients:
+            if not r.recipient:
+                continue
+            if report.kind == "complaint":
+                self.counts["complaints"] += 1
+                if self.suppression is not None:
+                    self.suppression.add(customer, r.recipient, "complaint", now, source=msg_id,
+                                         detail=report.feedback_type or "")
+            elif report.kind == "bounce" and r.permanent:
+                self.counts["bounced_later"] += 1
+                reply = Reply(r.reply_code or 550, r.diagnostic or "", r.status or "")
+                if live is None:        # a bounce after delivery: its history, for events
+                    self._record(Bounced(msg_id, [r.recipient], now, reply, r.category))
+                if self.suppression is not None and r.category in SUPPRESSING_CATEGORIES:
+                    self.suppression.add(customer, r.recipient, r.category, now, source=msg_id, detail=str(reply))
+        log.info("%s for %s read: %d recipients", report.kind, msg_id, len(report.recipients))
+        return report
+
     def body(self, d: Delivery) -> bytes:
         return self.journal.read(d.segment, d.offset, d.length).body
 
@@ -287,10 +345,14 @@ class Engine:
         self.counts["delivered"] += len(rcpts)
         self._done(d, rcpts)
 
-    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply) -> None:
-        self._record(Bounced(d.id, rcpts, self.now(), reply))
+    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "permanent_other") -> None:
+        now = self.now()
+        self._record(Bounced(d.id, rcpts, now, reply, category))
         self.counts["bounced"] += len(rcpts)
-        log.info("bounced %s to %s: %s", d.id, ",".join(rcpts), reply)
+        log.info("bounced %s to %s (%s): %s", d.id, ",".join(rcpts), category, reply)
+        if self.suppression is not None and category in SUPPRESSING_CATEGORIES:
+            for r in rcpts:
+                self.suppression.add(d.customer, r, category, now, source=d.id, detail=str(reply))
         self._report_failure(d, rcpts, reply)
         self._done(d, rcpts)
 
@@ -313,8 +375,12 @@ class Engine:
         except (UsageError, SpoolFull) as e:
             log.warning("no non-delivery report for %s to %s: %s", d.id, d.sender, e)
 
-    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply) -> Delivery | None:
-        """Journal a deferral of ``rcpts``; returns the delivery to retry, or None if it expired."""
+    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "transient_other") -> Delivery | None:
+        """Journal a deferral of ``rcpts``; returns the delivery to retry, or None if it expired.
+
+        A greylisted delivery comes back after ``GREYLIST_RETRY`` (the greylisting servers'
+        usual wait), whatever its count of attempts; others back off exponentially.
+        """
         policy = self.dispatcher.retry_policy(d.domain)
         now = self.now()
         attempts = d.attempts + 1
@@ -326,8 +392,12 @@ class Engine:
             self._report_failure(d, rcpts, reply)
             self._done(d, rcpts)
             return None
-        next_at = min(now + backoff(attempts, policy.retry_interval, policy.max_retry_interval), expires)
-        self._record(Deferred(d.id, rcpts, now, next_at, attempts, reply))
+        if category == "greylisted":
+            wait = GREYLIST_RETRY * (1 + random.random() / 5)
+        else:
+            wait = backoff(attempts, policy.retry_interval, policy.max_retry_interval)
+        next_at = min(now + wait, expires)
+        self._record(Deferred(d.id, rcpts, now, next_at, attempts, reply, category))
         self.counts["deferred"] += len(rcpts)
         if len(rcpts) == len(d.rcpts):
             d.attempts, d.next_at = attempts, next_at

@@ -84,6 +84,7 @@ class Deferred(Rec):
     next_at: float
     attempts: int
     reply: Reply | None = None
+    category: str = ""          # classify.CATEGORIES
 
 
 class Bounced(Rec):
@@ -91,6 +92,7 @@ class Bounced(Rec):
     rcpts: list[str]
     at: float
     reply: Reply | None = None
+    category: str = ""
 
 
 class Expired(Rec):
@@ -100,6 +102,7 @@ class Expired(Rec):
     rcpts: list[str]
     at: float
     reply: Reply | None = None
+    category: str = "expired"
 
 
 JournalRecord = Accepted | Delivered | Deferred | Bounced | Expired

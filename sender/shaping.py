@@ -24,12 +24,12 @@ swaps them at run time, re-timing every bucket and queue in place (SIGHUP, admin
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
 
+from .classify import classify_reply
 from .config import Config, ProviderShaping, Rate, SiteShaping, parse_rate
 from .model import Delivery, Reply
 from .scheduler import Scheduler
@@ -57,21 +57,9 @@ _DEFAULT_BACKOFF_STEP = 60.0
 # An unlimited path leaves backoff once its rate has doubled this many times.
 _RECOVERY_STEPS = 6
 
-# Replies that mean "slow down". Provider-specific texts are matched by the classifier's
-# rate_limited category once it exists; these cover the common wordings and codes.
-_RATE_LIMITED = re.compile(
-    r"rate.?limit|too many (messages|connections|recipients|mails)|throttl|unusual rate|"
-    r"exceeded .*(rate|limit|quota)|try again later.*(rate|volume)|\bTSS0[14]\b|\bRP-00[13]\b|"
-    r"4\.7\.28|temporarily deferred due to user complaints|\bS3114\b",
-    re.IGNORECASE,
-)
-
-
 def is_rate_limited(reply: Reply) -> bool:
-    """A 421, or a transient reply that says the sender goes too fast."""
-    if reply.code == 421:
-        return True
-    return 400 <= reply.code < 500 and (reply.enhanced == "4.7.28" or bool(_RATE_LIMITED.search(reply.text)))
+    """A 421, or a reply the classifier calls rate limiting: the path backs off."""
+    return reply.code == 421 or classify_reply(reply).category == "rate_limited"
 
 
 class SiteLimits(msgspec.Struct, frozen=True):

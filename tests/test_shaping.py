@@ -394,8 +394,10 @@ def test_bad_shaping_values_name_their_key():
     (Reply(451, "Temporary local problem - please try later"), False),
     (Reply(452, "Too many recipients received this hour"), True),
     (Reply(451, "[TSS04] Messages from 1.2.3.4 temporarily deferred"), True),
-    (Reply(550, "rate limit exceeded"), False),                  # permanent: not a backoff
-    (Reply(451, "4.7.500 Server busy. Please try again later from [1.2.3.4]. (S77719)"), False),
+    (Reply(550, "rate limit exceeded"), True),         # a 5xx rate limit is transient (classify.py)
+    # Microsoft's throttling of an IP it does not know yet (Exchange Online NDR docs, 4.7.500-699).
+    (Reply(451, "4.7.500 Server busy. Please try again later from [1.2.3.4]. (S77719)"), True),
+    (Reply(550, "5.1.1 user unknown"), False),
 ])
 def test_rate_limiting_replies_are_recognized(reply, limited):
     assert is_rate_limited(reply) is limited

@@ -17,7 +17,7 @@ from sender.config import parse_config
 from sender.engine import Engine
 from sender.inject.smtpd import serve_smtp
 from sender.journal import Journal
-from sender.model import Accepted
+from sender.model import Accepted, Bounced
 from sender.sink import Sink, load_rules
 
 from helpers import RawSMTP, has_enhanced_code, journal_records
@@ -79,7 +79,7 @@ class Env:
 
 
 @asynccontextmanager
-async def running(tmp_path, *, spool=None, listen=None, rules: str = ""):
+async def running(tmp_path, *, spool=None, listen=None, rules: str = "", bounces=None):
     """Sink + Engine + listener on 127.0.0.1 free ports; clients closed and all cancelled on exit."""
     sink = BodySink(load_rules(rules))
     async with trio.open_nursery() as nursery:
@@ -89,6 +89,7 @@ async def running(tmp_path, *, spool=None, listen=None, rules: str = ""):
             "listen": {"smtp": "", **(listen or {})},
             "delivery": {"starttls": "never", "retry_interval": 60},
             "route": [{"match": "*", "relay": f"{sink_host}:{sink_port}"}],
+            "bounces": bounces or {},
         })
         engine = await nursery.start(Engine(config).run)
         addr = await nursery.start(serve_smtp, engine, "127.0.0.1:0")
@@ -343,3 +344,42 @@ async def test_suppressed_recipients_are_refused_for_their_customer_only(tmp_pat
             await env.wait_received(2)
     assert sorted(r for _, rcpts, _ in env.sink.received for r in rcpts) == ["gone@y.test", "ok@y.test"]
     assert env.engine.counts["suppressed"] == 2
+
+
+def dsn_for(verp: str, rcpt: str, reply: str, status: str) -> bytes:
+    """A bounce as a remote MTA sends it to the return path (RFC 3464)."""
+    return (f"From: MAILER-DAEMON@mx.y.test\r\nTo: <{verp}>\r\nSubject: Undelivered Mail\r\n"
+            "MIME-Version: 1.0\r\n"
+            'Content-Type: multipart/report; report-type=delivery-status; boundary="b1"\r\n\r\n'
+            "--b1\r\nContent-Type: text/plain\r\n\r\nYour mail could not be delivered.\r\n"
+            "--b1\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.y.test\r\n\r\n"
+            f"Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: {status}\r\n"
+            f"Diagnostic-Code: smtp; {reply}\r\n"
+            "--b1\r\nContent-Type: text/rfc822-headers\r\n\r\nSubject: s\r\n--b1--\r\n").encode()
+
+
+async def test_a_bounce_at_the_bounce_domain_updates_its_message_and_the_customers_list(tmp_path):
+    domain = "bounces.sender.test"
+    async with running(tmp_path, bounces={"domain": domain, "notify": False}) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            reply = await send_message(c, "app@x.test", ["user@y.test"],
+                                       b"X-Sender-Customer: acme\r\nSubject: s\r\n\r\nhi\r\n")
+            msg_id = QUEUED.match(reply).group(1)
+            await env.wait_received(1)
+            verp = env.sink.received[0][0]
+            assert verp == f"bounces+{msg_id}{b'acme'.hex()}@{domain}"     # VERP: message and customer
+            got = await send_message(c, "", [verp], dsn_for(verp, "user@y.test", "550 5.1.1 user unknown", "5.1.1"))
+            assert got == "250 2.0.0 Ok: bounce read, 1 recipients"
+            refused = await send_message(c, "app@x.test", ["user@y.test"],
+                                         b"X-Sender-Customer: acme\r\nSubject: s\r\n\r\nagain\r\n")
+            assert refused.startswith("550 5.7.1 ") and "invalid_recipient" in refused
+            other = await send_message(c, "app@x.test", ["user@y.test"],
+                                       b"X-Sender-Customer: other\r\nSubject: s\r\n\r\nhi\r\n")
+            assert QUEUED.match(other)
+    entry = env.engine.suppression.check("acme", "user@y.test", env.engine.now())
+    assert (entry.reason, entry.source) == ("invalid_recipient", msg_id)
+    later = [r for r in journal_records(env.spool) if isinstance(r, Bounced)]
+    assert [(r.id, r.rcpts, r.category, r.reply.enhanced) for r in later] == [
+        (msg_id, ["user@y.test"], "invalid_recipient", "5.1.1")]
+    assert env.engine.counts["bounced_later"] == 1

@@ -111,6 +111,11 @@ class _Session:
     async def on_message(self, ev: MessageReceived) -> Answer:
         msg_id = self.engine.new_id()
         rcpts = list(ev.rcpts)
+        domain = self.engine.config.bounces.domain
+        if domain and all(r.lower().endswith("@" + domain.lower()) for r in rcpts):
+            # For the bounce domain: a bounce or complaint to read, not mail to relay.
+            report = self.engine.take_report(rcpts, ev.body)
+            return 250, "2.0.0", f"Ok: {report.kind} read, {len(report.recipients)} recipients"
         body, meta = take_control_headers(ev.body)
         customer = meta.get("customer", "")
         skipped = self.engine.suppressed(customer, rcpts)

@@ -8,6 +8,7 @@ delivery engine only ever sees ``ConnectError`` (could not open a usable session
 
 from __future__ import annotations
 
+import operator
 import ssl
 from contextlib import contextmanager
 from typing import Any, Awaitable, Callable, NamedTuple
@@ -281,13 +282,15 @@ class SMTPSession:
         take_next: Callable[[], Any],
         body_of: Callable[[Any], bytes],
         on_result: Callable[[Any, TransactionResult], None],
+        sender_of: Callable[[Any], str] = operator.attrgetter("sender"),
     ) -> None:
         """Send ``first`` and then each message ``take_next()`` returns, until it returns None.
 
         Each message's body goes out in the same write as the next message's MAIL, RCPT and
         DATA (RFC 2920 allows the end of data to start a new group), so a busy connection
-        costs one round trip per message instead of two. Items need ``sender`` and
-        ``rcpts``; ``on_result`` gets each item with its replies, in order.
+        costs one round trip per message instead of two. Items need ``rcpts``, and a
+        ``sender`` unless ``sender_of`` gives the return path; ``on_result`` gets each item
+        with its replies, in order.
 
         Only for servers that offer PIPELINING; callers use :meth:`transaction` otherwise.
 
@@ -303,7 +306,7 @@ class SMTPSession:
         self.phase_until = trio.current_time() + t.mail + t.rcpt + t.data
         watch.sessions.add(self)
         try:
-            await self._send(self._envelope(cur.sender, cur.rcpts, cur_body))
+            await self._send(self._envelope(sender_of(cur), cur.rcpts, cur_body))
             while True:
                 replies = await self._replies(len(cur.rcpts) + 2)
                 mail, rcpt_replies, data = replies[0], replies[1:-1], replies[-1]
@@ -318,7 +321,7 @@ class SMTPSession:
                 started = data.code == 354
                 out = p.send(Message(cur_body)) if started else p.send(Rset())
                 if nxt is not None:
-                    out += self._envelope(nxt.sender, nxt.rcpts, nxt_body)
+                    out += self._envelope(sender_of(nxt), nxt.rcpts, nxt_body)
                 phase = "end of DATA" if started else "RSET"
                 self.phase_until = trio.current_time() + (t.data_block + t.data_done if started else t.mail)
                 await self._send(out)
