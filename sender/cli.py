@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--spool", required=True, help="spool directory")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    cl = sub.add_parser("classify", help="classify an SMTP reply: category and whether it is permanent (JSON)")
+    cl.add_argument("--code", type=int, default=0, help="the basic reply code, e.g. 550 (0: none)")
+    cl.add_argument("--text", required=True, help="the reply text")
+    cl.add_argument("--enhanced", help="the RFC 3463 code, if not at the start of the text")
+
+    ds = sub.add_parser("dsn", help="parse bounce / complaint messages: one JSON object per file")
+    ds.add_argument("files", nargs="+", metavar="FILE")
+
     sup = sub.add_parser("suppression", help="list, add or remove suppressed addresses (daemon may be running)")
     sup.add_argument("action", choices=("list", "add", "remove"))
     sup.add_argument("address", nargs="?", help="the address to add or remove")
@@ -227,6 +235,29 @@ def _cmd_queue(args) -> int:
     return 0
 
 
+def _cmd_classify(args) -> int:
+    from .classify import classify
+
+    print(orjson.dumps(msgspec.to_builtins(classify(args.code, args.text, args.enhanced))).decode())
+    return 0
+
+
+def _cmd_dsn(args) -> int:
+    from .dsn import parse, to_json
+
+    status = 0
+    for name in args.files:
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            print(f"sender dsn: {name}: {e.strerror}", file=sys.stderr)
+            status = 1
+            continue
+        print(orjson.dumps(to_json(name, parse(data))).decode())
+    return status
+
+
 def _entry_json(e) -> str:
     row = msgspec.structs.asdict(e)
     if row["expires_at"] == math.inf:
@@ -270,8 +301,8 @@ def _cmd_demo(args) -> int:
     return trio.run(lambda: run_demo(messages=args.messages, connections=args.connections, domains=args.domains))
 
 
-_COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "suppression": _cmd_suppression,
-             "demo": _cmd_demo}
+_COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "classify": _cmd_classify,
+             "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ import signal
 import smtplib
 import socket
 import time
+from pathlib import Path
 
 import orjson
 import pytest
@@ -272,3 +273,23 @@ def test_suppression_cli_adds_lists_and_removes(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     assert main(["suppression", "add", "--spool", spool]) == 2
     assert "give the address" in capsys.readouterr().err
+
+
+def test_classify_prints_the_classification_as_json(capsys):
+    assert main(["classify", "--code", "550", "--text", "5.1.1 <u@y.test>: Recipient address rejected: "
+                 "User unknown in local recipient table"]) == 0
+    out = orjson.loads(capsys.readouterr().out)
+    assert (out["category"], out["permanent"], out["enhanced"]) == ("invalid_recipient", True, "5.1.1")
+
+
+def test_dsn_prints_one_json_object_per_file(tmp_path, capsys):
+    data = Path(__file__).parent / "data" / "dsn" / "rfc3464-two-recipients.eml"
+    missing = tmp_path / "nope.eml"
+    assert main(["dsn", str(data), str(missing)]) == 1
+    out = capsys.readouterr()
+    (line,) = out.out.splitlines()
+    report = orjson.loads(line)
+    assert report["file"] == str(data) and report["kind"] == "bounce"
+    assert set(report) == {"file", "kind", "original_message_id", "recipients"}
+    assert set(report["recipients"][0]) == {"recipient", "action", "status", "diagnostic", "category", "permanent"}
+    assert "nope.eml" in out.err
