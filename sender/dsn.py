@@ -7,7 +7,8 @@ it is and about whom:
   report-type=delivery-status``), or one of the older free-text formats that MTAs and providers
   still send (Postfix, Exim, qmail, Sendmail, Exchange / Office 365, Gmail, Yahoo ...);
 - ``complaint``: an ARF feedback report (RFC 5965), or an Amazon SES complaint notification;
-- ``auto_reply``: an RFC 3834 automatic answer (vacation, out of office);
+- ``auto_reply``: an RFC 3834 automatic answer (vacation, out of office; one that says the
+  mailbox is no longer in use takes ``inactive_mailbox``/``invalid_recipient`` as its category);
 - ``delivery_report``: a DSN whose recipients were all delivered, relayed or expanded;
 - ``unknown``: anything else.
 
@@ -176,6 +177,10 @@ _BOUNCE_BODY = re.compile(
     r"diagnostic information for administrators|could not deliver|"
     r"your message did not reach|not delivered|mail delivery failed|"
     r"returned to sender|delivery status notification", re.I)
+# A subject that says the notice is a warning, not the end ("Delivery Status Notification (Delay)")
+_DELAY = re.compile(r"(?i)\bdelay(ed)?\b|warning: (could not send|message)|still (not )?(been )?"
+                    r"(delivered|trying)|will (continue|keep) (trying|to try)|"
+                    r"not yet been delivered|will be retried|will retry")
 _AUTO_SUBJECT = re.compile(
     r"^\s*(auto(matic)?[ _-]?(reply|response|respons|antwort)|auto:|autoreply|autoresponder|"
     r"out of (the )?office|vacation|away (from|until)|i am away|i'm away|on leave|on holiday|"
@@ -283,18 +288,35 @@ def _part_text(part: email.message.Message) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-_TAG = re.compile(r"<[^>]*>")
+# Bounded so that markup without closing brackets costs linear time, not quadratic.
+_TAG = re.compile(r"<[^<>]{0,1000}>")
+_BLOCK_TAG = re.compile(r"(?i)<\s*/?\s*(?:br|p|div|tr|li|h\d|hr|table|td)\b[^<>]{0,1000}>")
+_MAILTO_TAG = re.compile(r"(?i)<a\s[^<>]{0,1000}?href=[\"']?mailto:([^\"'<> ]{1,320})[^<>]{0,1000}>")
+
+
+def _drop_element(text: str, tag: str) -> str:
+    """``text`` without the ``tag`` elements (to the end when one is not closed); linear time."""
+    lower, out, i = text.lower(), [], 0
+    opening, closing = re.compile(rf"<{tag}\b"), re.compile(rf"</{tag}\b[^<>]{{0,100}}>")
+    while m := opening.search(lower, i):
+        out.append(text[i:m.start()])
+        end = closing.search(lower, m.end())
+        i = end.end() if end else len(text)
+        if not end:
+            break
+    return "".join(out) + text[i:] if out else text
 
 
 def _html_text(text: str) -> str:
-    text = re.sub(r"(?is)<(script|style|head)\b.*?</\1\s*>", " ", text)
-    text = re.sub(r"(?i)<\s*(br|/p|p|/div|div|/tr|tr|li|/h\d|hr)\b[^>]*>", "\n", text)
-    text = re.sub(r"(?i)<a\s[^>]*href=[\"']?mailto:([^\"'> ]+)[^>]*>", r" \1 ", text)
+    """HTML made plain enough for the free-text heuristics: line breaks where blocks end,
+    mailto: links as their addresses, no script, style or head."""
+    text = text[:_MAX_TEXT]
+    for tag in ("script", "style", "head"):
+        text = _drop_element(text, tag)
+    text = _BLOCK_TAG.sub("\n", text)
+    text = _MAILTO_TAG.sub(r" \1 ", text)
     text = _TAG.sub("", text)
-    try:
-        text = html.unescape(text)
-    except _EMAIL_ERRORS:
-        pass
+    text = html.unescape(text)
     return re.sub(r"[ \t\xa0]+", " ", text)
 
 
@@ -981,10 +1003,14 @@ def parse(message: bytes, *, bounce_domain: str | None = None, verp_prefix: str 
     Args:
       message: the raw message, any line endings.
       bounce_domain: the domain of our VERP return paths; when given, ``verp_id`` is read from
-        the envelope headers (Delivered-To, X-Original-To, To ...).
+        the headers that carry the report's envelope recipient (Delivered-To, X-Original-To,
+        To ...), else from anywhere in the message (the returned copy's Return-Path).
+      verp_prefix: the local part before "+" in those return paths.
 
     Returns:
-      a Report; ``kind="unknown"`` with no recipients when the message is none of the above.
+      a Report; ``kind="unknown"`` with no recipients when the message is none of the above. A
+      bounce or a complaint always has at least one recipient, ``recipient=None`` when no
+      address could be found (VERP still names the message).
     """
     data = bytes(message)
     try:
@@ -1000,7 +1026,8 @@ def parse(message: bytes, *, bounce_domain: str | None = None, verp_prefix: str 
     elif report.original_message_id is None and report.kind != "unknown":
         # a copy of the original that the MIME structure lost (a broken boundary), else the
         # reply's own reference
-        body = data[data.find(b"\n\n") + 2:] if b"\n\n" in data else b""
+        blank = re.search(rb"\r?\n\r?\n", data)
+        body = data[blank.end():] if blank else b""
         report.original_message_id = _message_id_in(body[:_MAX_TEXT].decode("latin-1")) or in_reply_to
     if bounce_domain:
         report.verp_id = _find_verp(msg, data, bounce_domain, verp_prefix)
@@ -1021,11 +1048,6 @@ def _find_verp(msg: email.message.Message, data: bytes, domain: str, prefix: str
                           rf"(?![\w-]|\.[\w-])")
     m = anywhere.search(data[: _MAX_TEXT * 4].decode("latin-1"))
     return m.group(1) if m else None
-
-
-_DELAY = re.compile(r"(?i)\bdelay(ed)?\b|warning: (could not send|message)|still (not )?(been )?"
-                    r"(delivered|trying)|will (continue|keep) (trying|to try)|"
-                    r"not yet been delivered|will be retried|will retry")
 
 
 def _read_message(msg: email.message.Message, depth: int) -> Report:
@@ -1055,7 +1077,7 @@ def _classify_message(msg: email.message.Message, parts: _Parts) -> Report:
 
     # RFC 5965 ARF
     if parts.feedback or parts.report_type == "feedback-report":
-        return _arf(msg, parts, rest)
+        return _arf(parts, rest)
 
     # Amazon SES notifications by email
     if '"notificationType"' in full or '"eventType"' in full:
@@ -1106,8 +1128,9 @@ def _dsn_start(text: str) -> int:
     return m.start() if m else -1
 
 
-def _dsn_report(msg, parts: _Parts, dsn: _Dsn, notice: str, rest: str) -> Report:
-    # text next to each address in the notice, for records without a Diagnostic-Code
+def _dsn_report(msg: email.message.Message, parts: _Parts, dsn: _Dsn, notice: str, rest: str) -> Report:
+    """One recipient per DSN record; a record without a usable Diagnostic-Code takes the text
+    next to its address in the notice."""
     pairs = None
     recipients = []
     for rec in dsn.records[:_MAX_RECIPIENTS]:
@@ -1152,7 +1175,9 @@ def _dsn_report(msg, parts: _Parts, dsn: _Dsn, notice: str, rest: str) -> Report
                   original_envelope_id=dsn.envelope_id)
 
 
-def _arf(msg, parts: _Parts, rest: str) -> Report:
+def _arf(parts: _Parts, rest: str) -> Report:
+    """An RFC 5965 feedback report; the recipient is Original-Rcpt-To, else the only address in
+    the To of the returned message, unless the report says it redacted the address."""
     fields: dict[str, list[str]] = {}
     for block in _field_blocks("\n\n".join(parts.feedback)):
         for name, value in block:
@@ -1166,18 +1191,22 @@ def _arf(msg, parts: _Parts, rest: str) -> Report:
             addrs.append(a)
     redacted = bool(fields.get("redacted-address"))
     if not addrs and not redacted:
-        for orig in parts.originals:
-            to = _header(orig, "To") if isinstance(orig, email.message.Message) else \
-                (re.search(r"(?im)^to:[ \t]*(.*)$", orig) or [None, ""])[1]
-            found = [_norm_addr(m.group(1), m.group(2)) for m in _ADDR.finditer(to or "")]
+        for orig in parts.originals[:1]:
+            if isinstance(orig, email.message.Message):
+                to = _header(orig, "To")
+            else:
+                m = re.search(r"(?im)^to:[ \t]*(.*)$", orig)
+                to = m.group(1) if m else ""
+            found = [_norm_addr(m.group(1), m.group(2)) for m in _ADDR.finditer(to)]
             if len(found) == 1:
                 addrs = found
-            break
     recipients = [RecipientReport(a, None, None, None, "complaint", False) for a in addrs or [None]]
     return Report("complaint", _original_id(parts, rest), recipients, feedback_type=ftype)
 
 
-def _auto_report(msg, parts: _Parts, notice: str, rest: str) -> Report:
+def _auto_report(msg: email.message.Message, parts: _Parts, notice: str, rest: str) -> Report:
+    """An RFC 3834 auto-reply from the recipient (its From). One that says the mailbox is gone
+    keeps its kind but takes that category, so a caller may act on it."""
     who = _first_addr(_header(msg, "From"))
     diag = _squash(notice)[:_MAX_DIAG] or None
     category, permanent = "auto_reply", False

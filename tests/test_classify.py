@@ -57,6 +57,8 @@ REPLIES = [
     case(550, "5.1.1 <nobody@example.com>... User unknown", "invalid_recipient"),
     # Apple iCloud, https://smtp.codes/icloud
     case(550, "5.1.1 <nobody@icloud.com>: user does not exist", "invalid_recipient"),
+    # Verizon Wireless MMS gateway (vzwpix.com), bounce sample lhost-verizon-01 in github.com/sisimai/set-of-emails
+    case(0, "Error: No valid recipients for this MM", "invalid_recipient"),
     # ------------------------------------------------------------------ bad_domain
     # Postfix smtp(8) bounce for a recipient domain that does not resolve
     case(0, "Host or domain name not found. Name service error for name=example.invalid type=A: Host not found",
@@ -117,6 +119,14 @@ REPLIES = [
               "https://community.mimecast.com/docs/DOC-1369#550", "policy_block"),
     # Postfix access(5) REJECT on the sender
     case(554, "5.7.1 <bounce@example.com>: Sender address rejected: Access denied", "policy_block"),
+    # Sender domain checked against the client IP: the PHPMailer-BMH bounce rules quote it as
+    # "554 Connection refused(mx). MAIL FROM [...] mismatches client IP [...]"; Outlook.com, bounce
+    # sample rhost-outlook-09 in github.com/sisimai/set-of-emails
+    case(554, "Connection refused(mx). MAIL FROM [bounce@example.com] mismatches client IP [192.0.2.1].",
+         "policy_block"),
+    case(550, "domain [example.com] mismatches client ip 192.0.2.1.", "policy_block"),
+    # Yahoo, bounce sample lhost-yahoo-14 in github.com/sisimai/set-of-emails
+    case(554, "INVALID IP FOR SENDING MAIL OF DOMAIN example.com [RCPT_TO]", "policy_block"),
     # ------------------------------------------------------------------ spam_content
     # Gmail SMTP errors and codes (GMAIL)
     case(550, "5.7.1 This message is likely unsolicited email. To reduce the amount of spam sent to Gmail, "
@@ -136,6 +146,9 @@ REPLIES = [
               "https://www.spamhaus.org/dbl/", "spam_content"),
     # Exim specification, "Content scanning at ACL time" (deny message = ... contains a virus)
     case(550, "This message contains a virus (Eicar-Test-Signature)", "spam_content"),
+    # Orange/Wanadoo (OFR_506, listed as "SPAM ou VIRUS" at https://doc.gadz.org), bounce sample
+    # rhost-franceptt-03 in github.com/sisimai/set-of-emails
+    case(550, "5.2.0 Mail rejete. Mail rejected. ofr_506 [506]", "spam_content"),
     # ------------------------------------------------------------------ blocklisted_ip
     # Postfix default_rbl_reply, postconf(5)
     case(554, "5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org; "
@@ -178,6 +191,9 @@ REPLIES = [
               "permitted by the domain owner", "auth_failure"),
     # Apple iCloud, https://smtp.codes/icloud
     case(550, "5.7.1 Your message was rejected due to example.com DMARC policy.", "auth_failure"),
+    # Gmail "Send mail as" through an SMTP server without AUTH (https://support.google.com/mail/?p=CustomFromDenied),
+    # bounce sample lhost-googleworkspace-01 in github.com/sisimai/set-of-emails
+    case(0, "Unspecified Error (SENT_SECOND_EHLO): Smtp server does not advertise AUTH capability", "auth_failure"),
     # ------------------------------------------------------------------ rate_limited
     # Yahoo, https://smtp.codes/yahoo
     case(421, "4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user "
@@ -260,6 +276,8 @@ REPLIES = [
     # Yahoo, https://smtp.codes/yahoo
     case(451, "example.yahoo.com Resources temporarily unavailable. Please try again later [#4.16.1].",
          "service_unavailable"),
+    # qmail-ldap, its user directory is down; bounce sample lhost-qmail-05 in github.com/sisimai/set-of-emails
+    case(0, "Unable to contact LDAP server. (#4.4.3)", "service_unavailable"),
     # ------------------------------------------------------------------ transient_other
     # Amazon SES, bounce sample lhost-amazonses-17 in github.com/sisimai/set-of-emails
     case(554, "4.4.7 Message expired: unable to deliver in 840 minutes.<421 4.4.2 Connection timed out>",
@@ -270,6 +288,13 @@ REPLIES = [
     case(554, "5.4.6 Message exceeded 50 hops, this may indicate an email loop.", "transient_other"),
     # RFC 5321 section 4.2.2, text of 450 (no more specific reason)
     case(450, "Requested mail action not taken: mailbox busy", "transient_other"),
+    # qmail-send, after queuelifetime (qmail 1.03 qmail-send.c); bounce samples lhost-qmail-05 and
+    # lhost-qmail-06 in github.com/sisimai/set-of-emails: an unspecific last error gives way to the
+    # expiry, a specific one (a full mailbox) does not
+    case(0, "Unable to contact LDAP server. (#4.4.3)I'm not going to try again; this message has been in the "
+            "queue too long.", "transient_other"),
+    case(450, "4.2.2 <someone@example.jp>... Mailbox Full I'm not going to try again; this message has been in "
+              "the queue too long.", "mailbox_full"),
     # ------------------------------------------------------------------ permanent_other
     # Gmail SMTP errors and codes (GMAIL)
     case(554, "5.6.0 Email message is malformed. Not accepted.", "permanent_other"),
