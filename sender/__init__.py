@@ -3,7 +3,6 @@
 The public API is re-exported here; everything else lives in private or concern-named modules.
 """
 
-from .classify import Classification as Classification, classify as classify
 from .config import Config as Config, ConfigError as ConfigError, load_config as load_config, parse_config as parse_config
 from .engine import Engine as Engine, EngineStatistics as EngineStatistics, SpoolFull as SpoolFull, Suppressed as Suppressed
 from .errors import (
@@ -20,7 +19,6 @@ from .sink import Sink as Sink
 __all__ = [
     "Config", "ConfigError", "load_config", "parse_config",
     "Engine", "EngineStatistics", "SpoolFull", "Suppressed",
-    "classify", "Classification",
     "SendError", "ConnectError", "SessionError", "DNSError", "UsageError",
     "Journal", "JournalCorrupt", "Reply", "Sink",
 ]
