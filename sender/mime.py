@@ -1,0 +1,423 @@
+"""Resend-style JSON payloads in, RFC 5322 messages out.
+
+``build_message(payload)`` checks a ``POST /emails`` body (``from``, ``to``, ``cc``, ``bcc``,
+``reply_to``, ``subject``, ``html``, ``text``, ``headers``, ``attachments``, ``tags``) and turns
+it into the bytes :meth:`sender.engine.Engine.submit` takes, with the envelope beside them:
+
+- text only gives ``text/plain``, html only ``text/html``, both ``multipart/alternative`` (text
+  first); attachments wrap that in ``multipart/mixed``, each part base64 with
+  ``Content-Disposition: attachment``;
+- headers are From, To, Cc, Reply-To, Subject, Date, Message-ID, MIME-Version and the caller's
+  own; Bcc recipients are in the envelope only;
+- non-ASCII display names and subjects are RFC 2047 encoded, non-ASCII file names RFC 2231;
+  an internationalized domain is sent as its A-labels, and a non-ASCII local part makes the
+  message SMTPUTF8 (RFC 6531/6532: headers then carry raw UTF-8).
+
+Every refusal is a :class:`MimeError` whose ``field`` is the JSON path of the culprit
+(``to[2]``, ``headers.X-Foo``, ``attachments[0].content``), so the HTTP layer can answer 422
+naming it. Nothing else escapes: any JSON value gives a ``Built`` or a ``MimeError``.
+
+Header injection is refused rather than cleaned: a CR, LF or NUL anywhere in a header name,
+value, address or file name is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.policy
+import encodings.idna
+import ipaddress
+import mimetypes
+import re
+import secrets
+import time
+from datetime import datetime, timezone
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime
+
+import msgspec
+
+from .errors import UsageError
+
+__all__ = ["MimeError", "Built", "parse_address", "build_message", "MAX_RECIPIENTS"]
+
+MAX_RECIPIENTS = 50
+"""Most addresses one of ``to``, ``cc``, ``bcc`` may hold (Resend's limit for ``to``)."""
+
+_IGNORED = frozenset({"tags", "scheduled_at"})  # Resend knows them; they do not shape the message
+_UNSUPPORTED = frozenset({"react"})
+_USED = frozenset({"from", "to", "cc", "bcc", "reply_to", "subject", "html", "text",
+                   "headers", "attachments"})
+
+# Headers this module writes itself, or that the email package parses as structured fields
+# (a caller's value there would either fight ours or trip the parser).
+_RESERVED = frozenset({
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "reply-to",
+    "sender", "return-path", "orig-date",
+    "resent-date", "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-bcc",
+    "resent-message-id",
+})
+
+_FIELD_NAME = re.compile(r"[!-9;-~]+")                   # RFC 5322 ftext: printable but ':'
+_ATEXT = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\x80-\U0010ffff]+")
+_QCONTENT = re.compile(r'(?:[ !#-\[\]-~\x80-\U0010ffff]|\\[ -~\x80-\U0010ffff])*')
+_LDH = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_MIME_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})")
+_INJECTION = re.compile(r"[\r\n\x00]")
+# Other controls, C1 and the Unicode line separators: str.splitlines() breaks on some of them.
+_CONTROL = re.compile(r"[\x01-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
+class MimeError(UsageError, ValueError):
+    """The payload is wrong; ``field`` is the JSON path of the part at fault."""
+
+    def __init__(self, field: str, problem: str, /):
+        super().__init__(f"{_show(field)}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class Built(msgspec.Struct, frozen=True):
+    """A message ready for ``Engine.submit(sender, rcpts, message)``."""
+
+    sender: str          # envelope sender: the bare address of ``from``
+    rcpts: list[str]     # to + cc + bcc, de-duplicated case-insensitively, first spelling kept
+    message: bytes       # CRLF line endings, no Bcc header
+    message_id: str      # without the angle brackets
+    smtputf8: bool       # an address has a non-ASCII local part: needs the SMTPUTF8 extension
+
+
+def _show(field: str) -> str:
+    return field if field.isprintable() else repr(field)
+
+
+def _check_text(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MimeError(field, "is not valid Unicode (lone surrogate)") from None
+
+
+def _check_header_text(value: str, field: str) -> None:
+    """Refuse what could end a header line early or make it unreadable."""
+    _check_text(value, field)
+    if _INJECTION.search(value):
+        raise MimeError(field, "contains CR, LF or NUL (header injection)")
+    if _CONTROL.search(value):
+        raise MimeError(field, "contains a control character")
+
+
+def _domain_to_ascii(domain: str, field: str) -> str:
+    if domain.startswith("[") and domain.endswith("]"):
+        literal = domain[1:-1]
+        try:
+            if literal[:5].lower() == "ipv6:":
+                ipaddress.IPv6Address(literal[5:])
+            else:
+                ipaddress.IPv4Address(literal)
+        except ValueError:
+            raise MimeError(field, f"bad address literal {domain!r}") from None
+        return domain
+    labels = domain.translate(_IDNA_DOTS).split(".")
+    if len(labels) < 2:
+        raise MimeError(field, f"domain {domain!r} needs at least two labels")
+    out = []
+    for label in labels:
+        if not label.isascii():
+            try:
+                label = encodings.idna.ToASCII(label).decode("ascii")
+            except UnicodeError as e:
+                raise MimeError(field, f"domain label {label!r} is not a valid IDNA label ({e})") from None
+        if not _LDH.fullmatch(label) or len(label) > 63:
+            raise MimeError(field, f"domain label {label!r} is not a valid host name label "
+                                   "(letters, digits, inner hyphens; 1 to 63 octets)")
+        out.append(label.lower())
+    if out[-1].isdigit():
+        raise MimeError(field, f"domain {domain!r} has a numeric top-level label")
+    ascii_domain = ".".join(out)
+    if len(ascii_domain) > 255:
+        raise MimeError(field, f"domain is {len(ascii_domain)} octets, over 255")
+    return ascii_domain
+
+
+def _split_angle(value: str) -> tuple[str, str] | None:
+    """``Name <addr>`` -> (name, addr); None when there is no angle address."""
+    if not value.endswith(">"):
+        return None
+    quoted = escaped = False
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "<" and not quoted:
+            return value[:i], value[i + 1:-1]
+    return None
+
+
+def _unquote(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text[1:-1])
+
+
+def _parse(value: object, field: str) -> tuple[str, str, str]:
+    """Returns (display name, envelope address, local part as the header should carry it)."""
+    if not isinstance(value, str):
+        raise MimeError(field, f"must be a string, not {_json_type(value)}")
+    _check_header_text(value, field)
+    value = value.strip()
+    if not value:
+        raise MimeError(field, "is empty")
+    display = ""
+    split = _split_angle(value)
+    if split is not None:
+        display, value = split[0].strip(), split[1].strip()
+        if len(display) >= 2 and display[0] == display[-1] == '"':
+            if not _QCONTENT.fullmatch(display[1:-1]):
+                raise MimeError(field, "badly quoted display name")
+            display = _unquote(display)
+        elif '"' in display:
+            raise MimeError(field, "badly quoted display name")
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain:
+        raise MimeError(field, f"{value!r} is not an address (local@domain)")
+    if local.startswith('"'):
+        if len(local) < 2 or not local.endswith('"') or not _QCONTENT.fullmatch(local[1:-1]):
+            raise MimeError(field, f"local part {local!r} is not a valid quoted string")
+        header_local = _unquote(local)
+    else:
+        if not all(_ATEXT.fullmatch(atom) for atom in local.split(".")):
+            raise MimeError(field, f"local part {local!r} is not a valid dot-atom "
+                                   "(no spaces, no empty or special parts)")
+        header_local = local
+    if len(local.encode("utf-8")) > 64:
+        raise MimeError(field, f"local part is {len(local.encode('utf-8'))} octets, over 64")
+    address = f"{local}@{_domain_to_ascii(domain, field)}"
+    if len(address.encode("utf-8")) > 254:
+        raise MimeError(field, "address is over 254 octets")
+    return display, address, header_local
+
+
+def parse_address(value: str, field: str) -> tuple[str, str]:
+    """Read ``a@b.com`` or ``Name <a@b.com>``.
+
+    Returns:
+      ``(display_name, address)``; the domain of the address is in A-labels, lower case.
+
+    Raises:
+      MimeError: naming ``field``, for anything RFC 5321 would not carry (or header injection).
+    """
+    display, address, _ = _parse(value, field)
+    return display, address
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _address_list(payload: dict, name: str, *, required: bool = False,
+                  limit: int | None = MAX_RECIPIENTS) -> list[tuple[str, str, str]]:
+    value = payload.get(name)
+    if value is None:
+        if required:
+            raise MimeError(name, "is required")
+        return []
+    if isinstance(value, str):
+        return [_parse(value, name)]
+    if not isinstance(value, list):
+        raise MimeError(name, f"must be a string or an array of strings, not {_json_type(value)}")
+    if required and not value:
+        raise MimeError(name, "needs at least one address")
+    if limit is not None and len(value) > limit:
+        raise MimeError(name, f"has {len(value)} addresses, over the limit of {limit}")
+    return [_parse(item, f"{name}[{i}]") for i, item in enumerate(value)]
+
+
+def _optional_str(payload: dict, name: str) -> str | None:
+    value = payload.get(name)
+    if value is not None and not isinstance(value, str):
+        raise MimeError(name, f"must be a string, not {_json_type(value)}")
+    if value is not None:
+        _check_text(value, name)
+    return value
+
+
+def _header_address(display: str, address: str, local: str) -> Address:
+    return Address(display, username=local, domain=address.rpartition("@")[2])
+
+
+def _attachments(value: object, budget: int) -> list[tuple[bytes, str, str, str]]:
+    """Returns (data, maintype, subtype, filename) for each attachment."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MimeError("attachments", f"must be an array, not {_json_type(value)}")
+    out = []
+    for i, item in enumerate(value):
+        field = f"attachments[{i}]"
+        if not isinstance(item, dict):
+            raise MimeError(field, f"must be an object, not {_json_type(item)}")
+        for key in item:
+            if key not in ("filename", "content", "content_type"):
+                what = "is not supported (send content)" if key == "path" else "is not a known field"
+                raise MimeError(f"{field}.{key}", what)
+        filename = item.get("filename")
+        if not isinstance(filename, str):
+            raise MimeError(f"{field}.filename",
+                            "is required" if filename is None else
+                            f"must be a string, not {_json_type(filename)}")
+        _check_header_text(filename, f"{field}.filename")
+        if not filename.strip():
+            raise MimeError(f"{field}.filename", "is empty")
+        content = item.get("content")
+        if not isinstance(content, str):
+            raise MimeError(f"{field}.content",
+                            "is required" if content is None else
+                            f"must be a base64 string, not {_json_type(content)}")
+        if len(content) // 4 * 3 > budget:
+            raise MimeError("message", f"message is at least {len(content) // 4 * 3} bytes, "
+                                       f"over the limit of {budget}")
+        try:
+            data = base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise MimeError(f"{field}.content", "is not valid base64") from None
+        budget -= len(data)
+        ctype = item.get("content_type")
+        if ctype is None:
+            ctype = mimetypes.guess_type(filename, strict=False)[0] or "application/octet-stream"
+        elif not isinstance(ctype, str):
+            raise MimeError(f"{field}.content_type", f"must be a string, not {_json_type(ctype)}")
+        match = _MIME_TYPE.fullmatch(ctype.strip())
+        if match is None:
+            _check_header_text(ctype, f"{field}.content_type")
+            raise MimeError(f"{field}.content_type", f"{ctype!r} is not a type/subtype")
+        maintype, subtype = match[1].lower(), match[2].lower()
+        if maintype == "multipart":
+            raise MimeError(f"{field}.content_type", "may not be multipart")
+        out.append((data, maintype, subtype, filename))
+    return out
+
+
+def _custom_headers(value: object) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        raise MimeError("headers", f"must be an object, not {_json_type(value)}")
+    out = []
+    for name, text in value.items():
+        field = f"headers.{name}"
+        _check_header_text(name, field)
+        if not _FIELD_NAME.fullmatch(name):
+            raise MimeError(field, "is not a header field name (printable ASCII, no colon)")
+        lowered = name.lower()
+        if lowered in _RESERVED or lowered.startswith("content-"):
+            hint = " (use reply_to)" if lowered == "reply-to" else ""
+            raise MimeError(field, f"may not be set here{hint}")
+        if not isinstance(text, str):
+            raise MimeError(field, f"must be a string, not {_json_type(text)}")
+        _check_header_text(text, field)
+        out.append((name, text))
+    return out
+
+
+def build_message(payload: dict, *, message_id_domain: str, now: float | None = None,
+                  max_bytes: int = 40 * 1024 * 1024) -> Built:
+    """Check a Resend ``POST /emails`` body and build the message it describes.
+
+    Args:
+      message_id_domain: the right-hand side of the Message-ID (our own domain).
+      now: the Date header's time, seconds since the epoch; the current time when None.
+      max_bytes: the largest message, in bytes as built.
+
+    Returns:
+      The envelope and the message bytes, CRLF throughout, no line over 78 octets.
+
+    Raises:
+      MimeError: naming the field at fault; ``message`` when the result is over ``max_bytes``.
+    """
+    if not isinstance(payload, dict):
+        raise MimeError("payload", f"must be an object, not {_json_type(payload)}")
+    for key in payload:
+        if key in _UNSUPPORTED:
+            raise MimeError(key, f"{key} is not supported")
+        if key not in _USED and key not in _IGNORED:
+            raise MimeError(key, "is not a known field")
+    tags = payload.get("tags")
+    if tags is not None and not isinstance(tags, list):
+        raise MimeError("tags", f"must be an array, not {_json_type(tags)}")
+
+    sender = payload.get("from")
+    if sender is None:
+        raise MimeError("from", "is required")
+    from_ = _parse(sender, "from")
+    to = _address_list(payload, "to", required=True)
+    cc = _address_list(payload, "cc")
+    bcc = _address_list(payload, "bcc")
+    reply_to = _address_list(payload, "reply_to")
+
+    subject = payload.get("subject")
+    if not isinstance(subject, str):
+        raise MimeError("subject", "is required" if subject is None else
+                        f"must be a string, not {_json_type(subject)}")
+    _check_header_text(subject, "subject")
+    text = _optional_str(payload, "text")
+    html = _optional_str(payload, "html")
+    if text is None and html is None:
+        raise MimeError("text", "one of html or text is required")
+    headers = _custom_headers(payload.get("headers"))
+    budget = max_bytes - len((text or "").encode("utf-8")) - len((html or "").encode("utf-8"))
+    if budget < 0:
+        raise MimeError("message", f"message is at least {max_bytes - budget} bytes, "
+                                   f"over the limit of {max_bytes}")
+    attachments = _attachments(payload.get("attachments"), budget)
+
+    everyone = [from_, *to, *cc, *bcc, *reply_to]
+    smtputf8 = any(not local.isascii() for _, _, local in everyone)
+    # 7bit bodies (quoted-printable or base64): no reliance on 8BITMIME at the next hop.
+    policy = (email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP).clone(cte_type="7bit")
+
+    when = time.time() if now is None else now
+    message_id = f"{int(when * 1000):x}.{secrets.token_hex(10)}@{message_id_domain}"
+
+    msg = EmailMessage(policy=policy)
+    msg["From"] = _header_address(*from_)
+    msg["To"] = [_header_address(*a) for a in to]
+    if cc:
+        msg["Cc"] = [_header_address(*a) for a in cc]
+    if reply_to:
+        msg["Reply-To"] = [_header_address(*a) for a in reply_to]
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    msg["Message-ID"] = f"<{message_id}>"
+    for name, value in headers:
+        msg[name] = value
+    if text is not None:
+        msg.set_content(text, subtype="plain", charset="utf-8")
+        if html is not None:
+            msg.add_alternative(html, subtype="html", charset="utf-8")
+    else:
+        msg.set_content(html, subtype="html", charset="utf-8")
+    for data, maintype, subtype, filename in attachments:
+        msg.add_attachment(data, maintype, subtype, filename=filename)
+
+    for part in msg.walk():
+        if part is not msg:
+            del part["MIME-Version"]              # the email package repeats it on each part
+    raw = msg.as_bytes()
+    if len(raw) > max_bytes:
+        raise MimeError("message", f"message is {len(raw)} bytes, over the limit of {max_bytes}")
+
+    rcpts: list[str] = []
+    seen: set[str] = set()
+    for _, address, _ in (*to, *cc, *bcc):
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            rcpts.append(address)
+    return Built(sender=from_[1], rcpts=rcpts, message=raw, message_id=message_id,
+                 smtputf8=smtputf8)
