@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "SpoolConfig",
     "ListenConfig",
+    "CustomerConfig",
     "DeliveryConfig",
     "TimeoutConfig",
     "Route",
@@ -126,12 +127,20 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     smtp: str = "127.0.0.1:2525"
+    http: str = ""                         # the Resend-compatible HTTP API ("" = off)
     hostname: str = "sender.localhost"
     max_message_size: int | str = "25MiB"
     max_recipients: int = 1000
     max_connections: int = 1000
     max_line_length: int = 1000
     idle_timeout: float | str = "5m"       # close a client session idle this long
+
+
+class CustomerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A customer of the HTTP API: its id (``Engine.submit(customer=)``) and its API keys."""
+
+    id: str
+    api_keys: list[str] = msgspec.field(default_factory=list)
 
 
 class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -264,6 +273,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shaping: ShapingConfig = msgspec.field(default_factory=ShapingConfig)
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
     bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
+    customer: list[CustomerConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.
@@ -277,6 +287,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         self.listen.idle_timeout = parse_duration(self.listen.idle_timeout, "listen.idle_timeout")
         if self.listen.smtp:
             parse_hostport(self.listen.smtp, "listen.smtp")
+        if self.listen.http:
+            parse_hostport(self.listen.http, "listen.http")
+            if self.daemon.processes > 1:
+                raise ConfigError("listen.http: not yet served with daemon.processes > 1")
         for name in ("idle_timeout", "retry_interval", "max_retry_interval", "max_age"):
             setattr(d, name, parse_duration(getattr(d, name), f"delivery.{name}"))
         for name in TimeoutConfig.__struct_fields__:
@@ -296,6 +310,24 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             parse_hostport(r.relay, f"route[{i}].relay", default_port=d.port)
             if not r.match or " " in r.match:
                 raise ConfigError(f"route[{i}].match: expected a domain, \".suffix\" or \"*\", got {r.match!r}")
+        _check_customers(self.customer)
+
+
+def _check_customers(customers: list[CustomerConfig]) -> None:
+    ids: set[str] = set()
+    owner: dict[str, str] = {}
+    for i, c in enumerate(customers):
+        if not c.id:
+            raise ConfigError(f"customer[{i}].id: must not be empty")
+        if c.id in ids:
+            raise ConfigError(f"customer[{i}].id: {c.id!r} is already used by another customer")
+        ids.add(c.id)
+        for key in c.api_keys:
+            if not key:
+                raise ConfigError(f"customer[{i}].api_keys: a key must not be empty")
+            # Never echo the key itself: the message ends up in logs.
+            if owner.setdefault(key, c.id) != c.id:
+                raise ConfigError(f"customer[{i}].api_keys: a key is also a key of customer {owner[key]!r}")
 
 
 _DURATIONS = ("idle_timeout", "retry_interval", "max_retry_interval", "max_age", "backoff_step")

@@ -38,6 +38,7 @@ import trio
 from .config import Config, ConfigError, parse_hostport
 from .engine import Engine
 from .journal import Journal
+from .inject.http import serve_http
 from .inject.smtpd import serve_smtp
 from .smtp.sockets import FastListener, open_listener
 
@@ -117,12 +118,21 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
                     shared = None if shard is None else FastListener(shard[0], balance=shard[1])
                     await serve_smtp(engine, config.listen.smtp, listener=shared, task_status=task_status)
 
+            http_scope = trio.CancelScope()
+
+            async def http_listener(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                with http_scope:
+                    await serve_http(engine, config.listen.http, task_status=task_status)
+
             if shard is not None:
                 shard[1].listening()
             if config.listen.smtp:
                 host, port = await nursery.start(listener)
                 if shard is None:
                     _say(f"sender: listening on {host}:{port} (SMTP)")
+            if config.listen.http:
+                host, port = await nursery.start(http_listener)
+                _say(f"sender: listening on {host}:{port} (HTTP)")
             task_status.started(engine)
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -131,6 +141,7 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
             listener_scope.cancel()
+            http_scope.cancel()
             await engine.shutdown(grace)
             nursery.cancel_scope.cancel()
     st = engine.statistics()

@@ -1,0 +1,207 @@
+"""The Resend-compatible HTTP API: apps hand messages to the engine with ``POST /emails``.
+
+A request carries ``Authorization: Bearer KEY``; the key names the customer (``[[customer]]``
+in the config). A message is answered ``200 {"id": ...}`` only once the engine has made it
+durable; the id is the queue id. Errors have Resend's shape,
+``{"statusCode": 422, "name": "validation_error", "message": "to[0]: ..."}``, so Resend's SDKs
+raise their own error classes for them.
+
+Served by hypercorn's trio worker until cancelled.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import hypercorn.config
+import hypercorn.trio
+import orjson
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ..config import Config, parse_hostport
+from ..engine import Engine, SpoolFull, Suppressed
+from ..errors import UsageError
+from ..mime import Built, MimeError, build_message
+
+__all__ = ["ApiError", "create_app", "serve_http"]
+
+log = logging.getLogger("sender.http")
+
+MAX_BATCH = 100
+
+
+class ApiError(Exception):
+    """An error answered to the client in Resend's shape."""
+
+    def __init__(self, status: int, name: str, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.name = name
+        self.message = message
+        self.headers = headers or {}
+
+
+def _json(status: int, body: object, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error(e: ApiError) -> Response:
+    return _json(e.status, {"statusCode": e.status, "name": e.name, "message": e.message}, e.headers)
+
+
+class _Keys:
+    """API key -> customer id. Every lookup compares against every key in constant time, so
+    neither the answer's timing nor its content tells how much of a key was right."""
+
+    def __init__(self, config: Config) -> None:
+        self._keys = [(key.encode(), c.id) for c in config.customer for key in c.api_keys]
+
+    def customer(self, request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        scheme, _, key = auth.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "missing_api_key", "Missing API key in the authorization header. "
+                                                   "Include the following header in the request: "
+                                                   "Authorization: Bearer YOUR_API_KEY")
+        given = key.encode("utf-8", "surrogateescape")
+        found = None
+        for known, customer in self._keys:
+            if hmac.compare_digest(given, known):
+                found = customer
+        if found is None:
+            raise ApiError(403, "invalid_api_key", "API key is invalid")
+        return found
+
+
+async def _read_json(request: Request, limit: int) -> object:
+    size = int(request.headers.get("content-length") or 0)
+    if size > limit:
+        raise ApiError(413, "validation_error", f"request body is over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "validation_error", f"request body is over {limit} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(422, "validation_error", f"invalid JSON: {e}") from None
+
+
+def _validation(message: str) -> ApiError:
+    return ApiError(422, "validation_error", message)
+
+
+def create_app(engine: Engine) -> Starlette:
+    """The ASGI app over ``engine``; its customers and keys come from ``engine.config``."""
+    config = engine.config
+    keys = _Keys(config)
+    max_size = int(config.listen.max_message_size)
+    # Attachments arrive base64-encoded inside JSON: allow for the growth.
+    body_limit = max_size * 4 // 3 + 64 * 1024
+
+    def build(payload: object, where: str = "") -> Built:
+        try:
+            return build_message(payload, message_id_domain=config.listen.hostname, max_bytes=max_size)
+        except MimeError as e:
+            raise _validation(f"{where}{e}") from None
+
+    async def submit(built: Built, customer: str) -> str:
+        try:
+            return await engine.submit(built.sender, built.rcpts, built.message, customer=customer)
+        except SpoolFull:
+            raise ApiError(429, "rate_limit_exceeded", "The queue is full; try again later.",
+                           headers={"Retry-After": "1"}) from None
+        except Suppressed as e:
+            raise _validation(f"to: {e}") from None
+        except UsageError as e:
+            raise _validation(str(e)) from None
+
+    async def send_email(request: Request) -> Response:
+        customer = keys.customer(request)
+        built = build(await _read_json(request, body_limit))
+        return _json(200, {"id": await submit(built, customer)})
+
+    async def send_batch(request: Request) -> Response:
+        customer = keys.customer(request)
+        mode = request.headers.get("x-batch-validation", "strict").lower()
+        if mode != "strict":
+            raise _validation(f"x-batch-validation: only \"strict\" is supported, got {mode!r}")
+        payloads = await _read_json(request, body_limit * MAX_BATCH)
+        if not isinstance(payloads, list):
+            raise _validation("the body must be an array of emails")
+        if not 1 <= len(payloads) <= MAX_BATCH:
+            raise _validation(f"a batch holds 1 to {MAX_BATCH} emails, got {len(payloads)}")
+        # Strict: every email is checked before any is queued.
+        built = [build(p, f"[{i}].") for i, p in enumerate(payloads)]
+        return _json(200, {"data": [{"id": await submit(b, customer)} for b in built]})
+
+    async def on_http_error(request: Request, e: Exception) -> Response:
+        assert isinstance(e, HTTPException)
+        name = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "application_error")
+        return _error(ApiError(e.status_code, name, str(e.detail), headers=dict(e.headers or {})))
+
+    return Starlette(
+        routes=[Route("/emails", _answering(send_email), methods=["POST"]),
+                Route("/emails/batch", _answering(send_batch), methods=["POST"])],
+        exception_handlers={HTTPException: on_http_error},
+    )
+
+
+def _answering(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Turn an endpoint's ApiError into its answer, and anything unexpected into a 500."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as e:
+            return _error(e)
+        except Exception:
+            # The body may hold personal data and the headers a key: log neither.
+            log.exception("%s %s failed", request.method, request.url.path)
+            return _error(ApiError(500, "application_error", "An unexpected error occurred."))
+
+    return answer
+
+
+async def serve_http(engine: Engine, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API on ``address`` ("host:port"; port 0 picks one) until cancelled.
+
+    Args:
+      task_status: started with the bound (host, port).
+    """
+    host, port = parse_hostport(address, "listen.http")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        bound = sock.getsockname()[:2]
+    except BaseException:
+        sock.close()
+        raise
+    hc = hypercorn.config.Config()
+    # hypercorn takes the descriptor over (and closes it) from here on.
+    hc.bind = [f"fd://{sock.detach()}"]
+    hc.accesslog = None
+    hc.errorlog = log
+    hc.graceful_timeout = 1.0
+    log.info("HTTP listener on %s:%d", *bound)
+
+    async def started(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await hypercorn.trio.serve(create_app(engine), hc, shutdown_trigger=trio.sleep_forever,
+                                   task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(started)
+        task_status.started(bound)

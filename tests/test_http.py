@@ -1,0 +1,197 @@
+"""The Resend-compatible HTTP API over real loopback sockets, driven by Resend's own SDK.
+
+An Engine delivers to an in-process Sink; ``serve_http`` listens on 127.0.0.1:0. The SDK and
+httpx are synchronous, so they run in a worker thread. Real sockets do not mix with the
+autojump clock, so these run on the real clock, each wait bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from email import message_from_bytes
+
+import httpx
+import pytest
+import resend
+import trio
+
+from sender.config import ConfigError, parse_config
+from sender.engine import Engine
+from sender.inject.http import serve_http
+from sender.sink import Sink, load_rules
+
+BOUND = 5.0  # seconds; every wait on the network is bounded by this
+KEY = "re_acme_test_key"
+
+
+class BodySink(Sink):
+    """A sink that also keeps each accepted message's envelope and body."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.received: list[tuple[str, list[str], bytes]] = []
+
+    def record(self, ev, peer: str, **kw) -> None:
+        self.received.append((ev.sender, list(ev.rcpts), ev.body))
+        super().record(ev, peer, **kw)
+
+
+class Env:
+    def __init__(self, engine: Engine, sink: BodySink, url: str) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.url = url
+
+    async def wait_received(self, n: int) -> None:
+        with trio.fail_after(BOUND):
+            while len(self.sink.received) < n:
+                await trio.sleep(0.01)
+
+    async def post(self, path: str, body: object, *, key: str | None = KEY, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        return await trio.to_thread.run_sync(
+            lambda: httpx.post(self.url + path, json=body, headers=headers, timeout=BOUND, **kw))
+
+
+@asynccontextmanager
+async def running(tmp_path, *, spool=None):
+    """Sink + Engine + HTTP API on 127.0.0.1 free ports, the SDK pointed at it; all cancelled
+    and the SDK's settings restored on exit."""
+    sink = BodySink(load_rules(""))
+    saved = resend.api_url, resend.api_key
+    async with trio.open_nursery() as nursery:
+        sink_host, sink_port = await nursery.start(sink.run, "127.0.0.1:0")
+        config = parse_config({
+            "spool": {"path": str(tmp_path / "spool"), "fsync": "batch", **(spool or {})},
+            "listen": {"smtp": ""},
+            "delivery": {"starttls": "never", "retry_interval": 60},
+            "route": [{"match": "*", "relay": f"{sink_host}:{sink_port}"}],
+            "customer": [{"id": "acme", "api_keys": [KEY]}, {"id": "other", "api_keys": ["re_other"]}],
+        })
+        engine = await nursery.start(Engine(config).run)
+        with trio.fail_after(BOUND):
+            host, port = await nursery.start(serve_http, engine, "127.0.0.1:0")
+        url = f"http://{host}:{port}"
+        resend.api_url, resend.api_key = url, KEY
+        try:
+            yield Env(engine, sink, url)
+        finally:
+            resend.api_url, resend.api_key = saved
+            nursery.cancel_scope.cancel()
+
+
+def email(to: str = "user@y.test", subject: str = "hello") -> dict:
+    return {"from": "App <app@x.test>", "to": [to], "subject": subject, "text": "hi there"}
+
+
+async def sdk(fn, *args):
+    with trio.fail_after(BOUND):
+        return await trio.to_thread.run_sync(fn, *args)
+
+
+async def test_send_one_email_through_the_sdk(tmp_path):
+    async with running(tmp_path) as env:
+        answer = await sdk(resend.Emails.send, email(subject="Welcome"))
+        await env.wait_received(1)
+        sender, rcpts, body = env.sink.received[0]
+        assert (sender, rcpts) == ("app@x.test", ["user@y.test"])
+        assert message_from_bytes(body)["Subject"] == "Welcome"
+        assert env.engine.counts["accepted"] == 1
+        assert answer["id"]
+
+
+async def test_the_id_is_the_queue_id(tmp_path):
+    async with running(tmp_path) as env:
+        queued: list[str] = []
+        submit = env.engine.submit
+
+        async def spy(*args, **kw):
+            queued.append(await submit(*args, **kw))
+            assert kw["customer"] == "acme"
+            return queued[-1]
+
+        env.engine.submit = spy
+        answer = await sdk(resend.Emails.send, email())
+        assert [answer["id"]] == queued
+
+
+async def test_batch_of_three_through_the_sdk(tmp_path):
+    async with running(tmp_path) as env:
+        answer = await sdk(resend.Batch.send, [email(f"u{i}@y.test", f"n{i}") for i in range(3)])
+        ids = [d["id"] for d in answer["data"]]
+        assert len(set(ids)) == 3
+        await env.wait_received(3)
+        got = sorted((r[1][0], message_from_bytes(r[2])["Subject"]) for r in env.sink.received)
+        assert got == [(f"u{i}@y.test", f"n{i}") for i in range(3)]
+
+
+async def test_wrong_key_is_403_and_nothing_is_queued(tmp_path):
+    async with running(tmp_path) as env:
+        resend.api_key = "re_wrong"
+        with pytest.raises(resend.exceptions.ResendError) as e:
+            await sdk(resend.Emails.send, email())
+        assert str(e.value.code) == "403" and e.value.error_type == "invalid_api_key"
+        assert env.engine.counts["accepted"] == 0
+
+
+async def test_missing_key_is_401(tmp_path):
+    async with running(tmp_path) as env:
+        r = await env.post("/emails", email(), key=None)
+        assert r.status_code == 401
+        assert r.json() == {"statusCode": 401, "name": "missing_api_key", "message": r.json()["message"]}
+        assert env.engine.counts["accepted"] == 0
+
+
+async def test_bad_address_is_422_naming_the_field(tmp_path):
+    async with running(tmp_path) as env:
+        r = await env.post("/emails", email(to="not an address"))
+        assert r.status_code == 422
+        body = r.json()
+        assert body["name"] == "validation_error" and body["message"].startswith("to[0]"), body
+        with pytest.raises(resend.exceptions.ResendError) as e:
+            await sdk(resend.Emails.send, email(to="not an address"))
+        assert str(e.value.code) == "422" and "to[0]" in str(e.value)
+        assert env.engine.counts["accepted"] == 0
+
+
+async def test_invalid_json_is_422(tmp_path):
+    async with running(tmp_path) as env:
+        r = await env.post("/emails", None, content=b"{nope", key=KEY)
+        assert r.status_code == 422 and r.json()["name"] == "validation_error"
+
+
+async def test_batch_with_one_bad_item_names_its_index_and_queues_nothing(tmp_path):
+    async with running(tmp_path) as env:
+        batch = [email(), email(), email(), email(to="bad")]
+        r = await env.post("/emails/batch", batch)
+        assert r.status_code == 422
+        assert r.json()["message"].startswith("[3].to[0]: "), r.json()
+        assert env.engine.counts["accepted"] == 0
+
+
+async def test_full_spool_is_429_with_retry_after(tmp_path):
+    async with running(tmp_path, spool={"max_bytes": "1KiB"}) as env:
+        big = email() | {"text": "x" * 2000}
+        assert (await env.post("/emails", big)).status_code == 200
+        assert env.engine.spool_full
+        r = await env.post("/emails", email())
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["name"] == "rate_limit_exceeded"
+        assert env.engine.counts["accepted"] == 1
+
+
+async def test_unknown_path_is_404_and_wrong_method_405(tmp_path):
+    async with running(tmp_path) as env:
+        r = await env.post("/nowhere", {})
+        assert r.status_code == 404 and r.json()["name"] == "not_found"
+        r = await trio.to_thread.run_sync(lambda: httpx.get(env.url + "/emails", timeout=BOUND))
+        assert r.status_code == 405 and r.json()["name"] == "method_not_allowed"
+
+
+def test_config_checks_customers():
+    with pytest.raises(ConfigError, match=r"customer\[1\]\.api_keys"):
+        parse_config({"customer": [{"id": "a", "api_keys": ["k"]}, {"id": "b", "api_keys": ["k"]}]})
+    with pytest.raises(ConfigError, match=r"customer\[1\]\.id"):
+        parse_config({"customer": [{"id": "a"}, {"id": "a"}]})
+    with pytest.raises(ConfigError, match="listen.http"):
+        parse_config({"listen": {"http": "nope:port"}})
