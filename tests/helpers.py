@@ -167,3 +167,37 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+# ----------------------------------------------------------------------- engines on in-memory sinks
+
+
+class Sinks:
+    """In-memory sinks by host name, for an Engine's ``open_stream``; a host with no sink
+    refuses connections. ``connects`` keeps (virtual time, host) of every attempt."""
+
+    def __init__(self, **by_host) -> None:
+        self.by_host = by_host
+        self.connects: list[tuple[float, str]] = []
+
+    async def open_stream(self, host, port, source=""):
+        self.connects.append((trio.current_time(), host))
+        sink = self.by_host.get(host)
+        if sink is None:
+            raise OSError(111, "Connection refused")
+        return await sink.open_stream(host, port, source)
+
+
+async def start_engine(nursery, config, sinks: Sinks):
+    """Run every sink in memory, then an Engine delivering to them; returns the engine."""
+    from sender.engine import Engine
+
+    for sink in sinks.by_host.values():
+        await nursery.start(sink.run_in_memory)
+    return await nursery.start(Engine(config, open_stream=sinks.open_stream).run)
+
+
+async def until(cond, step: float = 0.05) -> None:
+    """Sleep in steps until ``cond()`` holds (on the autojump clock the steps cost nothing)."""
+    while not cond():
+        await trio.sleep(step)

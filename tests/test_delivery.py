@@ -14,6 +14,8 @@ from sender.engine import Engine
 from sender.journal import Journal
 from sender.sink import Sink, load_rules
 
+from helpers import Sinks, start_engine as start, until
+
 
 def make_config(tmp_path, routes, spool=None, **delivery):
     return parse_config({
@@ -23,32 +25,6 @@ def make_config(tmp_path, routes, spool=None, **delivery):
         "route": [{"match": m, "relay": r} for m, r in routes],
         "bounces": {"notify": False},      # non-delivery reports: tests/test_ndr.py
     })
-
-
-class Sinks:
-    """In-memory sinks by host name; a host with no sink refuses connections."""
-
-    def __init__(self, **by_host: Sink) -> None:
-        self.by_host = by_host
-        self.connects: list[str] = []
-
-    async def open_stream(self, host, port, source=""):
-        self.connects.append(host)
-        sink = self.by_host.get(host)
-        if sink is None:
-            raise OSError(111, "Connection refused")
-        return await sink.open_stream(host, port, source)
-
-
-async def start(nursery, config, sinks: Sinks) -> Engine:
-    for sink in sinks.by_host.values():
-        await nursery.start(sink.run_in_memory)
-    return await nursery.start(Engine(config, open_stream=sinks.open_stream).run)
-
-
-async def until(cond, step=0.05):
-    while not cond():
-        await trio.sleep(step)
 
 
 BODY = b"Subject: t\r\nMessage-ID: <t@x>\r\n\r\nhello\r\n.line starting with a dot\r\n"

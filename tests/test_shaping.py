@@ -17,6 +17,8 @@ from sender.model import Reply
 from sender.shaping import Rules, is_rate_limited
 from sender.sink import Sink, load_rules
 
+from helpers import Sinks, start_engine as start, until
+
 BODY = b"Subject: t\r\n\r\nhello\r\n"
 
 
@@ -42,16 +44,6 @@ class TimedSink(Sink):
             self.open -= 1
 
 
-class Sinks:
-    def __init__(self, **by_host: Sink) -> None:
-        self.by_host = by_host
-        self.connects: list[tuple[float, str]] = []
-
-    async def open_stream(self, host, port, source=""):
-        self.connects.append((trio.current_time(), host))
-        return await self.by_host[host].open_stream(host, port, source)
-
-
 def config(tmp_path, routes, shaping=None, **delivery):
     return parse_config({
         "spool": {"path": str(tmp_path / "spool"), "fsync": "never"},
@@ -62,17 +54,6 @@ def config(tmp_path, routes, shaping=None, **delivery):
         "shaping": shaping or {},
         "bounces": {"notify": False},
     })
-
-
-async def start(nursery, cfg, sinks: Sinks) -> Engine:
-    for sink in sinks.by_host.values():
-        await nursery.start(sink.run_in_memory)
-    return await nursery.start(Engine(cfg, open_stream=sinks.open_stream).run)
-
-
-async def until(cond, step=0.5):
-    while not cond():
-        await trio.sleep(step)
 
 
 def most_in_any_window(times: list[float], window: float) -> int:
