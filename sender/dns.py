@@ -29,6 +29,7 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import idna
 import msgspec
 import trio
 
@@ -313,12 +314,20 @@ def _host(name: dns.name.Name) -> str:
 def _domain(domain: str) -> str:
     """``domain`` as a lower-case ASCII name without the final dot (IDNA for non-ASCII).
 
+    Non-ASCII names go through IDNA 2008 with UTS 46 mapping (the ``idna`` package) here
+    rather than through dnspython, whose default codec depends on which ``idna`` version
+    happens to be installed.
+
     Raises:
       NoSuchDomain: an empty name, an empty label, a label or name too long, bad IDNA.
     """
     try:
+        if not domain.isascii():
+            final_dot = domain.endswith(".")
+            domain = idna.encode(domain.removesuffix("."), uts46=True).decode("ascii")
+            domain += "." if final_dot else ""
         name = dns.name.from_text(domain)
-    except (dns.exception.DNSException, UnicodeError) as e:
+    except (dns.exception.DNSException, UnicodeError, idna.IDNAError) as e:
         raise NoSuchDomain(f"{domain!r}: invalid domain name: {e}") from None
     if name == dns.name.root:
         raise NoSuchDomain(f"{domain!r}: invalid domain name: empty")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import email.policy
-import encodings.idna
 import ipaddress
 import mimetypes
 import re
@@ -37,6 +36,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
 
+import idna
 import msgspec
 
 from .errors import UsageError
@@ -129,8 +129,8 @@ def _domain_to_ascii(domain: str, field: str) -> str:
     for label in labels:
         if not label.isascii():
             try:
-                label = encodings.idna.ToASCII(label).decode("ascii")
-            except UnicodeError as e:
+                label = idna.encode(label, uts46=True).decode("ascii")
+            except (UnicodeError, idna.IDNAError) as e:
                 raise MimeError(field, f"domain label {label!r} is not a valid IDNA label ({e})") from None
         if not _LDH.fullmatch(label) or len(label) > 63:
             raise MimeError(field, f"domain label {label!r} is not a valid host name label "
