@@ -788,6 +788,31 @@ cdef class Scheduler:
         else:
             self._enqueue(i, prio, seq, slot)
 
+    def drain(self, qid, now):
+        """Take every message waiting in the queue out of it, best first; future ``due`` stay."""
+        cdef Py_ssize_t i = self._queue(qid)
+        cdef double t = _real(now)
+        cdef _Queue* q = &self._queues[i]
+        cdef _Bucket* b
+        cdef _Msg m
+        cdef list items = []
+        if q.state == _PARKED:
+            b = &self._buckets[q.parked_on]
+            b.nwait -= 1                    # its waiter entry is stale from now on
+            if not b.nwait and b.armed:
+                b.armed = False
+                b.gen += 1
+        if q.released_from >= 0:            # the bucket that let it go wakes its next waiter
+            self._arm(q.released_from, t)
+            q.released_from = -1
+        q.state = _IDLE                     # a runnable entry left behind is stale
+        q.parked_on = -1
+        while q.n:
+            m = _heappop(q.items, &q.n)
+            items.append(self._release(m.slot))
+        self._size -= len(items)
+        return items
+
     @cython.final
     cdef int _enqueue(self, Py_ssize_t qid, long long prio, long long seq, Py_ssize_t slot) except -1:
         cdef _Queue* q = &self._queues[qid]

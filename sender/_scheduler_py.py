@@ -497,6 +497,31 @@ class Scheduler:
             return
         self._enqueue(q, _int(qid, "ssize_t"), -priority, seq, item)
 
+    def drain(self, qid: int, now: float) -> list:
+        """Take every message waiting in the queue out of it, best first (its route changed:
+        the caller queues them elsewhere). Messages pushed with a future ``due`` stay.
+
+        Raises:
+          IndexError: no such queue.
+        """
+        q = self._queue(qid)
+        now = _real(now)
+        if q.state == _PARKED:
+            b = self._buckets[q.parked_on]
+            b.nwait -= 1                    # its waiter entry is stale from now on
+            if not b.nwait and b.armed:
+                b.armed = False
+                b.gen += 1
+        if q.released_from >= 0:            # the bucket that let it go wakes its next waiter
+            self._arm(q.released_from, now)
+            q.released_from = -1
+        q.state = _IDLE                     # a runnable entry left behind is stale
+        q.parked_on = -1
+        items = [item for _, _, item in sorted(q.items, key=lambda m: (m[0], m[1]))]
+        q.items = []
+        self._size -= len(items)
+        return items
+
     def _enqueue(self, q: _Queue, qid: int, negprio: int, seq: int, item: object) -> None:
         heapq.heappush(q.items, (negprio, seq, item))
         if q.state == _IDLE:

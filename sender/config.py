@@ -7,6 +7,8 @@ or "30s" / "5m" / "2h" / "3d" strings.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -20,6 +22,14 @@ __all__ = [
     "SpoolConfig",
     "ListenConfig",
     "CustomerConfig",
+    "SourceConfig",
+    "PoolConfig",
+    "WarmupPlan",
+    "EgressConfig",
+    "AutomationRule",
+    "AutomationConfig",
+    "AdaptiveRate",
+    "check_automation_rule",
     "DeliveryConfig",
     "TimeoutConfig",
     "Route",
@@ -137,10 +147,85 @@ class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class CustomerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A customer of the HTTP API: its id (``Engine.submit(customer=)``) and its API keys."""
+    """A customer: its id (``Engine.submit(customer=)``), its HTTP API keys, and the pool its
+    mail leaves from (its dedicated pool, or a shared one; "" = ``egress.default_pool``)."""
 
     id: str
     api_keys: list[str] = msgspec.field(default_factory=list)
+    pool: str = ""
+
+
+class SourceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A sending IP: the local address connections are bound to and the EHLO name it uses
+    (which should match the address's PTR record)."""
+
+    address: str
+    ehlo: str = ""                          # "" = delivery.ehlo
+    warmup: str = ""                        # a [warmup.NAME] plan, "default" for the built-in one
+    warmup_start: str = ""                  # day 1 of the plan, "YYYY-MM-DD" (UTC)
+
+
+class PoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A weighted set of sources. A dedicated pool serves only the customers that name it,
+    and its sources belong to no shared pool."""
+
+    sources: dict[str, float] | list[str]   # name -> weight, or names with weight 1
+    dedicated: bool = False
+    # When a source has sent its warmup cap for today: "pool" sends from the pool's other
+    # sources, "wait" keeps the mail for that source until tomorrow.
+    overflow: Literal["pool", "wait"] = "pool"
+
+
+class WarmupPlan(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Daily caps by day since the source's ``warmup_start`` (day 1 first); after the last
+    day the source has no cap. ``provider`` gives a provider its own caps."""
+
+    days: list[int] = msgspec.field(default_factory=list)
+    provider: dict[str, list[int]] = msgspec.field(default_factory=dict)
+    # Follow the providers' feedback: a source moves on to the next day's cap for a provider
+    # only after a day that provider accepted its mail, holds on a day with deferrals
+    # and steps back on a day with many.
+    adaptive: bool = False
+    advance_below: float = 0.02             # deferral share under which the cap grows
+    retreat_above: float = 0.10             # deferral share over which it shrinks
+
+
+class EgressConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    default_pool: str = ""                  # pool of customers that name none ("" = no pools)
+    # Message type -> pool, for mail of customers on a shared pool (e.g. marketing apart).
+    message_type: dict[str, str] = msgspec.field(default_factory=dict)
+    # Rolling window of the outcome counts per (source, provider) that make its health.
+    reputation_window: float | str = "1h"
+
+
+class AutomationRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """When replies that match were seen ``count`` times within ``window`` for one (source,
+    provider) or (source, site), take ``action`` on that pair for ``duration``.
+
+    A reply matches when every given criterion holds: ``category`` (classifier's), ``code``,
+    ``enhanced`` (prefix, e.g. "4.7.28" or "5.7"), ``text`` (a regular expression, case
+    insensitive), ``provider``.
+    """
+
+    name: str
+    category: str = ""
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+    provider: list[str] = msgspec.field(default_factory=list)
+    scope: Literal["source_provider", "source_site"] = "source_provider"
+    count: int = 1
+    window: float | str = "5m"
+    action: Literal["suspend", "max_message_rate", "connection_limit", "reroute"] = "suspend"
+    max_message_rate: str = ""              # for action "max_message_rate"
+    connection_limit: int = 0               # for action "connection_limit"
+    pool: str = ""                          # for action "reroute": where that provider's mail goes
+    duration: float | str = "1h"
+
+
+class AutomationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    default_rules: bool = True              # the built-in rules for the big providers' replies
+    rule: list[AutomationRule] = msgspec.field(default_factory=list)   # checked before the built-in ones
 
 
 class TimeoutConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -206,6 +291,19 @@ class SiteShaping(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     backoff_step: float | str | None = None
 
 
+class AdaptiveRate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A closed-loop message rate per (source IP, provider): it grows by ``increase`` each
+    ``step`` while the provider's replies are clean, and is multiplied by ``decrease`` on a
+    rate-limiting reply (at most once a step), always within ``min`` and ``max``."""
+
+    min: str = "1/min"
+    max: str = "100/s"
+    start: str = ""                          # "" = min
+    increase: str = "1/s"                    # added each step
+    decrease: float = 0.5
+    step: float | str = "1m"
+
+
 class ProviderShaping(SiteShaping, kw_only=True):
     """A mailbox provider: the sites whose MX hosts match. ``match`` entries are ".suffix"
     (any host under it) or an exact host name or address."""
@@ -213,6 +311,7 @@ class ProviderShaping(SiteShaping, kw_only=True):
     match: list[str] = msgspec.field(default_factory=list)
     provider_connection_limit: int | None = None    # across all its sites
     provider_max_message_rate: str | None = None    # across all its sites and domains
+    adaptive_rate: AdaptiveRate | None = None       # per (source IP, provider), closed loop
 
 
 class DomainShaping(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -274,6 +373,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
     bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
     customer: list[CustomerConfig] = msgspec.field(default_factory=list)
+    source: dict[str, SourceConfig] = msgspec.field(default_factory=dict)
+    pool: dict[str, PoolConfig] = msgspec.field(default_factory=dict)
+    warmup: dict[str, WarmupPlan] = msgspec.field(default_factory=dict)
+    egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
+    automation: AutomationConfig = msgspec.field(default_factory=AutomationConfig)
 
     def __post_init__(self) -> None:
         # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.
@@ -311,6 +415,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             if not r.match or " " in r.match:
                 raise ConfigError(f"route[{i}].match: expected a domain, \".suffix\" or \"*\", got {r.match!r}")
         _check_customers(self.customer)
+        _check_egress(self)
+        _check_automation(self.automation, self.pool)
 
 
 def _check_customers(customers: list[CustomerConfig]) -> None:
@@ -328,6 +434,111 @@ def _check_customers(customers: list[CustomerConfig]) -> None:
             # Never echo the key itself: the message ends up in logs.
             if owner.setdefault(key, c.id) != c.id:
                 raise ConfigError(f"customer[{i}].api_keys: a key is also a key of customer {owner[key]!r}")
+
+
+def _check_egress(c: "Config") -> None:
+    for name, src in c.source.items():
+        key = f"source.{name}"
+        try:
+            ipaddress.ip_address(src.address)
+        except ValueError:
+            raise ConfigError(f"{key}.address: expected an IP address, got {src.address!r}") from None
+        if src.warmup and src.warmup != "default" and src.warmup not in c.warmup:
+            raise ConfigError(f"{key}.warmup: no plan [warmup.{src.warmup}] (nor \"default\")")
+        if src.warmup and not src.warmup_start:
+            raise ConfigError(f"{key}.warmup_start: needed with a warmup plan (\"YYYY-MM-DD\")")
+        if src.warmup_start:
+            try:
+                datetime.date.fromisoformat(src.warmup_start)
+            except ValueError:
+                raise ConfigError(f"{key}.warmup_start: expected a date like \"2026-11-01\", "
+                                  f"got {src.warmup_start!r}") from None
+    shared: dict[str, str] = {}
+    dedicated: dict[str, str] = {}
+    for name, pool in c.pool.items():
+        key = f"pool.{name}"
+        if isinstance(pool.sources, list):
+            pool.sources = {s: 1.0 for s in pool.sources}
+        if not pool.sources:
+            raise ConfigError(f"{key}.sources: a pool needs at least one source")
+        for s, weight in pool.sources.items():
+            if s not in c.source:
+                raise ConfigError(f"{key}.sources: no [source.{s}]")
+            if not weight > 0:
+                raise ConfigError(f"{key}.sources: weight of {s!r} must be above 0, got {weight}")
+            (dedicated if pool.dedicated else shared)[s] = name
+    for s, name in dedicated.items():
+        if s in shared:
+            raise ConfigError(f"pool.{name}.sources: {s!r} is dedicated there and also in shared pool "
+                              f"{shared[s]!r}")
+    if c.pool and not c.egress.default_pool:
+        raise ConfigError("egress.default_pool: needed when pools are configured")
+    for key, name in [("egress.default_pool", c.egress.default_pool)] + [
+            (f"egress.message_type.{t}", p) for t, p in c.egress.message_type.items()]:
+        if name and name not in c.pool:
+            raise ConfigError(f"{key}: no [pool.{name}]")
+        if name and c.pool[name].dedicated:
+            raise ConfigError(f"{key}: {name!r} is a dedicated pool; this key needs a shared one")
+    for i, cust in enumerate(c.customer):
+        if cust.pool and cust.pool not in c.pool:
+            raise ConfigError(f"customer[{i}].pool: no [pool.{cust.pool}]")
+    for name, plan in c.warmup.items():
+        for pname, days in [("days", plan.days)] + [(f"provider.{p}", d) for p, d in plan.provider.items()]:
+            if any(n < 1 for n in days):
+                raise ConfigError(f"warmup.{name}.{pname}: daily caps must be at least 1")
+        if not 0 <= plan.advance_below <= plan.retreat_above <= 1:
+            raise ConfigError(f"warmup.{name}: need 0 <= advance_below <= retreat_above <= 1")
+    c.egress.reputation_window = parse_duration(c.egress.reputation_window, "egress.reputation_window")
+    for name, block in c.shaping.provider.items():
+        a = block.adaptive_rate
+        if a is None:
+            continue
+        key = f"shaping.provider.{name}.adaptive_rate"
+        low, high = parse_rate(a.min, f"{key}.min"), parse_rate(a.max, f"{key}.max")
+        parse_rate(a.increase, f"{key}.increase")
+        if a.start:
+            start = parse_rate(a.start, f"{key}.start")
+            if not low.per_second <= start.per_second <= high.per_second:
+                raise ConfigError(f"{key}.start: must be between min and max")
+        if low.per_second > high.per_second:
+            raise ConfigError(f"{key}.min: above max")
+        if not 0 < a.decrease < 1:
+            raise ConfigError(f"{key}.decrease: must be between 0 and 1, got {a.decrease}")
+        a.step = parse_duration(a.step, f"{key}.step")
+
+
+def _check_automation(a: AutomationConfig, pools: dict[str, PoolConfig]) -> None:
+    for i, r in enumerate(a.rule):
+        key = f"automation.rule[{i}]"
+        if not r.name:
+            raise ConfigError(f"{key}.name: must not be empty")
+        check_automation_rule(r, key, pools)
+
+
+def check_automation_rule(r: AutomationRule, key: str, pools: dict[str, PoolConfig] | None = None) -> None:
+    """Validate one rule and normalize its durations (shared with the built-in rules file)."""
+    if not (r.category or r.code or r.enhanced or r.text):
+        raise ConfigError(f"{key}: needs at least one of category, code, enhanced, text")
+    if r.text:
+        try:
+            re.compile(r.text)
+        except re.error as e:
+            raise ConfigError(f"{key}.text: bad regular expression: {e}") from None
+    if r.code and not 200 <= r.code <= 599:
+        raise ConfigError(f"{key}.code: expected a reply code, got {r.code}")
+    if r.count < 1:
+        raise ConfigError(f"{key}.count: must be at least 1")
+    r.window = parse_duration(r.window, f"{key}.window")
+    r.duration = parse_duration(r.duration, f"{key}.duration")
+    if r.action == "max_message_rate":
+        parse_rate(r.max_message_rate, f"{key}.max_message_rate")
+    elif r.action == "connection_limit" and r.connection_limit < 1:
+        raise ConfigError(f"{key}.connection_limit: must be at least 1 with action \"connection_limit\"")
+    elif r.action == "reroute":
+        if not r.pool:
+            raise ConfigError(f"{key}.pool: needed with action \"reroute\"")
+        if pools is not None and r.pool not in pools:
+            raise ConfigError(f"{key}.pool: no [pool.{r.pool}]")
 
 
 _DURATIONS = ("idle_timeout", "retry_interval", "max_retry_interval", "max_age", "backoff_step")

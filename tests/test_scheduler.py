@@ -636,6 +636,11 @@ class SchedulersAgree(RuleBasedStateMachine):
         ids = data.draw(st.lists(st.integers(0, max(self.n_buckets - 1, 0)), max_size=3, unique=True))
         self.same("set_queue_buckets", qid, ids if self.n_buckets else [], self.now)
 
+    @precondition(lambda self: self.n_queues)
+    @rule(data=st.data())
+    def drain(self, data):
+        self.same("drain", data.draw(st.integers(0, self.n_queues)), self.now)
+
     @invariant()
     def look_alike(self):
         c, py = self.twins
@@ -650,6 +655,74 @@ class SchedulersAgree(RuleBasedStateMachine):
 
 TestSchedulersAgree = pytest.mark.skipif(NO_EXTENSIONS, reason="SENDER_NO_EXTENSIONS=1")(SchedulersAgree.TestCase)
 TestSchedulersAgree.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+
+
+def test_drain_takes_a_queue_out_best_first_and_the_bucket_serves_the_others(sched):
+    s = sched.Scheduler()
+    b = s.add_bucket("path", 1.0, 1.0, 0.0)
+    q1, q2 = s.add_queue([b]), s.add_queue([b])
+    for item, prio in (("a1", 0), ("a2", 5), ("a3", 0), ("a4", 5)):
+        s.push(q1, item, 0.0, priority=prio)
+    s.push(q2, "b1", 0.0)
+    s.push(q1, "later", 0.0, due=50.0)
+    assert s.pop(0.0) == (q1, "a2")
+    assert s.pop(0.0) is None                       # both queues wait for the bucket
+    assert s.drain(q1, 0.5) == ["a4", "a1", "a3"]
+    assert s.queue_length(q1) == 0 and len(s) == 2  # b1 and the one due later
+    assert s.pop(1.0) == (q2, "b1")                 # the bucket still serves q2
+    assert s.drain(q2, 1.0) == []
+    assert s.pop(50.0) == (q1, "later")             # a future push stays where it was
+    s.push(q1, "again", 60.0)
+    assert s.pop(60.0) == (q1, "again")
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["push", "pop", "drain", "tick"]), st.integers(0, 5),
+                              st.integers(-1, 1)), max_size=60))
+def test_after_drains_every_message_still_leaves_once(ops):
+    """Liveness: draining a queue never strands the queues waiting on the same buckets."""
+    for name in (("c", "py") if not NO_EXTENSIONS else ("py",)):
+        s = importlib.import_module(f"sender._scheduler_{name}").Scheduler()
+        # Buckets whose tokens come due together, so one pop wakes several queues.
+        b = [s.add_bucket(f"b{i}", 1.0, 1.0, 0.0) for i in range(2)]
+        queues = [s.add_queue([b[i % 2]]) for i in range(5)] + [s.add_queue(b)]
+        now, pushed, out = 0.0, set(), []
+        for op, q, prio in ops:
+            if op == "push":
+                pushed.add(len(pushed))
+                s.push(queues[q], len(pushed) - 1, now, prio)
+            elif op == "pop":
+                got = s.pop(now)
+                out += [got[1]] if got else []
+            elif op == "drain":
+                out += s.drain(queues[q], now)
+            else:
+                now += 1.0
+        while len(s):
+            got = s.pop(now)
+            if got is None:
+                now = s.next_wakeup()
+                assert now < INF, "a queue is stranded"
+            else:
+                out.append(got[1])
+        assert sorted(out) == sorted(pushed)
+
+
+def test_drain_of_a_queue_a_bucket_just_woke_passes_the_wake_up_on(sched):
+    """One pop can wake a queue on each of two buckets and serve only one of them; the other
+    is runnable with the bucket's turn. Drained then, it must hand that turn on."""
+    s = sched.Scheduler()
+    b0, b1 = s.add_bucket("b0", 1.0, 1.0, 0.0), s.add_bucket("b1", 1.0, 1.0, 0.0)
+    a0, a1, a2, a3 = s.add_queue([b0]), s.add_queue([b1]), s.add_queue([b1]), s.add_queue([b0])
+    for q, item in ((a1, "m0"), (a3, "m1"), (a0, "m2"), (a2, "m3")):
+        s.push(q, item, 0.0)
+    assert s.pop(0.0) == (a1, "m0")
+    s.push(a1, "m4", 0.0)
+    assert s.pop(0.0) == (a3, "m1")
+    assert s.pop(0.0) is None                       # m2 waits on b0; m3 and m4 on b1
+    assert s.pop(1.0) == (a0, "m2")                 # both buckets woke a queue; b0's went
+    assert s.drain(a2, 1.0) == ["m3"]               # b1 had let a2 go: a1 is next in line
+    assert s.pop(1.0) == (a1, "m4")
 
 
 def test_a_waiting_queue_moves_up_when_a_more_urgent_message_comes(sched):
