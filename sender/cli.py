@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--listen", required=True, type=_address("--listen"), help="host:port")
     sink.add_argument("--rules", help="TOML rules file")
     sink.add_argument("--log", help="write one JSON line per accepted message here")
+    sink.add_argument("--simulate", choices=("google", "microsoft", "yahoo", "generic"),
+                      help="answer with this provider's texts (sets [simulate] provider)")
 
     q = sub.add_parser("queue", help="count queued messages by state and domain (daemon may be stopped)")
     q.add_argument("--spool", required=True, help="spool directory")
@@ -176,16 +178,20 @@ def _find(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseExc
 
 
 def _cmd_sink(args) -> int:
-    from .sink import Sink, load_rules
+    from .sink import Sink, SinkConfig, load_config as load_sink_config
+    from .simulator import SimulateConfig
 
-    rules = []
+    config = SinkConfig()
     if args.rules:
         try:
             with open(args.rules, "rb") as f:
-                rules = load_rules(f.read())
+                config = load_sink_config(f.read())
         except OSError as e:
             raise ConfigError(f"--rules: cannot read {args.rules}: {e.strerror}") from None
-    sink = Sink(rules, log_path=args.log)
+    simulate = config.simulate
+    if args.simulate:
+        simulate = msgspec.structs.replace(simulate or SimulateConfig(), provider=args.simulate)
+    sink = Sink(config.rule, log_path=args.log, simulate=simulate)
 
     async def serve() -> None:
         import signal
@@ -199,7 +205,9 @@ def _cmd_sink(args) -> int:
 
     trio.run(serve)
     print(orjson.dumps({"sink": sink.address and f"{sink.address[0]}:{sink.address[1]}",
-                        **{k: getattr(sink.stats, k) for k in sink.stats.__struct_fields__}}).decode(), flush=True)
+                        **{k: getattr(sink.stats, k) for k in sink.stats.__struct_fields__},
+                        **({"sources": sink.simulator.statistics()} if sink.simulator else {})},
+                       default=msgspec.to_builtins).decode(), flush=True)
     return 0
 
 

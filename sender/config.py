@@ -517,8 +517,16 @@ def _check_automation(a: AutomationConfig, pools: dict[str, PoolConfig]) -> None
 
 def check_automation_rule(r: AutomationRule, key: str, pools: dict[str, PoolConfig] | None = None) -> None:
     """Validate one rule and normalize its durations (shared with the built-in rules file)."""
+    from .classify import CATEGORIES     # classify reads no config: no cycle
+
     if not (r.category or r.code or r.enhanced or r.text):
         raise ConfigError(f"{key}: needs at least one of category, code, enhanced, text")
+    if r.category and r.category not in CATEGORIES:
+        raise ConfigError(f"{key}.category: {r.category!r} is not a category (one of: "
+                          f"{', '.join(CATEGORIES)})")
+    if r.enhanced and not re.fullmatch(r"[245](\.\d{1,3}){0,2}", r.enhanced):
+        raise ConfigError(f"{key}.enhanced: expected a status code or its prefix like \"4.7.28\" or "
+                          f"\"5.7\", got {r.enhanced!r}")
     if r.text:
         try:
             re.compile(r.text)

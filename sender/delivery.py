@@ -31,16 +31,18 @@ import msgspec
 import outcome
 import trio
 
+from .automation import Action
 from .config import Config, parse_hostport
 from .dns import NullMX, Resolver
 from .errors import ConnectError, DNSError, SessionError
 from .model import Delivery, Reply
 from .scheduler import TimerHeap, TokenBucket
 from .classify import classify_reply
+from .routing import Egress, Source
 from .shaping import Rules, RetryPolicy, Shaper, is_rate_limited
 from .smtp.client import OpenStream, SMTPSession, Timeouts, TransactionResult, open_session, opportunistic_tls_context
 
-__all__ = ["ConnectionGate", "Dispatcher", "Outcomes", "SitePool", "PoolStatistics", "backoff", "match_route"]
+__all__ = ["ConnectionGate", "Dispatcher", "Outcomes", "Site", "SitePool", "PoolStatistics", "backoff", "match_route"]
 
 
 class Outcomes(Protocol):
@@ -97,22 +99,39 @@ def _local_reply(code: int, enhanced: str, text: str) -> Reply:
     return Reply(code, text, enhanced)
 
 
-class SitePool:
-    """The queue and connection workers of one path: a source IP and a destination site.
+class Site:
+    """Where mail for a domain goes: a configured relay or the set of the domain's MX hosts.
 
     Args:
-      key: the path's name, e.g. "mx1.example.com,mx2.example.com:25" (the site, prefixed by
-        "SOURCE>" when mail leaves from a configured source address).
+      key: its name, e.g. "mx1.example.com,mx2.example.com:25".
       hosts: (name, address or None, port, preference) of every way in, in MX order. The
         provider whose limits apply is the one that matches these names.
     """
 
-    def __init__(self, key: str, hosts: list[tuple[str, str | None, int, int]], dispatcher: "Dispatcher") -> None:
+    def __init__(self, key: str, hosts: list[tuple[str, str | None, int, int]], provider: str) -> None:
         self.key = key
         self.hosts = hosts
         self.names = tuple(sorted({h[0] for h in hosts}))
-        self.provider = dispatcher.shaper.rules.provider_of(self.names)
-        self.source = dispatcher.config.delivery.source
+        self.provider = provider
+
+
+class SitePool:
+    """The queue and connection workers of one path: a source IP and a destination site.
+
+    Args:
+      site: where it goes.
+      source: where it leaves from. The path's name is the site's, prefixed by "ADDRESS>"
+        when the source has an address.
+    """
+
+    def __init__(self, site: Site, source: Source, dispatcher: "Dispatcher") -> None:
+        self.site = site
+        self.key = f"{source.address}>{site.key}" if source.address else site.key
+        self.hosts = site.hosts
+        self.names = site.names
+        self.provider = site.provider
+        self.source = source.address
+        self.ehlo = source.ehlo
         self.d = dispatcher
         self.site_bucket = dispatcher.shaper.path_bucket(self, dispatcher.now())
         self.queue: deque[Delivery] = deque()
@@ -136,6 +155,13 @@ class SitePool:
     @property
     def limits(self):
         return self.d.shaper.rules.site(self.provider)
+
+    @property
+    def connection_limit(self) -> int:
+        """The provider's connection limit, or an automation cap on this pair if lower."""
+        limit = self.limits.connection_limit
+        cap = self.d.egress.connection_cap(self.source, self.provider, self.site.key)
+        return min(limit, cap) if cap is not None else limit
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(self.key, len(self.queue), self.workers, len(self._idle),
@@ -163,7 +189,7 @@ class SitePool:
         if self.suspended_reply is not None:
             if self.d.now() < self.suspended_until:
                 # Like Postfix's "delivery temporarily suspended": no connect per message.
-                self._fail(d, self.suspended_reply, "connection_failure")
+                self.d.failed(d, d.rcpts, self.suspended_reply, "connection_failure")
                 return
             self.suspended_reply = None
         self.queue.append(d)
@@ -181,7 +207,7 @@ class SitePool:
         if self._nursery is None:
             self.start()
             return False
-        if self.workers >= self.limits.connection_limit or not self.d.connections.acquire(self):
+        if self.workers >= self.connection_limit or not self.d.connections.acquire(self):
             return False
         self.workers += 1
         self._nursery.start_soon(self._worker)
@@ -263,10 +289,9 @@ class SitePool:
     async def _connect(self) -> SMTPSession:
         """A session to the first host that takes one, in MX order: on to the next host after
         a refused connection or a 4xx/5xx greeting."""
-        cfg = self.d.config.delivery
 
         def attempt(host: str, address: str | None, port: int, tls: bool):
-            return open_session(host, port, ehlo=cfg.ehlo, source=self.source, timeouts=self.d.timeouts,
+            return open_session(host, port, ehlo=self.ehlo, source=self.source, timeouts=self.d.timeouts,
                                 tls_context=self.d.tls_context if tls else None,
                                 open_stream=self.d.open_stream, address=address)
 
@@ -328,7 +353,8 @@ class SitePool:
                                                         f"delivery temporarily suspended: {reply.text}")
                     self.suspended_until = self.d.now() + self.d.config.delivery.retry_interval / 2
                     while self.queue:
-                        self._fail(self.queue.popleft(), reply, "connection_failure")
+                        lost = self.queue.popleft()
+                        self.d.failed(lost, lost.rcpts, reply, "connection_failure")
                 return
             self.sessions_up += 1
             self.sessions_opened += 1
@@ -393,6 +419,7 @@ class SitePool:
             final = res.final
             if res.data_started and final.code // 100 == 2:
                 out.delivered(d, accepted, final)
+                self.d.observe(self, d, "delivered", "", final)
             else:
                 failed.setdefault(final, []).extend(accepted)
         for reply, rcpts in failed.items():
@@ -444,10 +471,11 @@ class Dispatcher:
       outcomes: where results go (journaling, bodies).
       now: wall-clock seconds (derived from trio's clock, so tests can warp it).
       open_stream: replaces TCP connects (in-memory streams in tests).
+      state_path: where the egress state (warmup counts, automation actions...) is kept.
     """
 
     def __init__(self, config: Config, outcomes: Outcomes, now: Callable[[], float],
-                 open_stream: OpenStream | None = None) -> None:
+                 open_stream: OpenStream | None = None, state_path: str | None = None) -> None:
         self.config = config
         self.open_stream = open_stream
         self.outcomes = outcomes
@@ -458,12 +486,14 @@ class Dispatcher:
         self.routes = [(r.match.lower(), parse_hostport(r.relay, "route.relay", dc.port)) for r in config.route]
         self.shaper = Shaper(Rules(config), 0.0)
         self.connections = ConnectionGate(self)
+        self.egress = Egress(config, state_path)
         self.pools: dict[str, SitePool] = {}
         self.idle_pools: set[SitePool] = set()      # pools with parked workers, for the reaper
         self.quiet_pools: set[SitePool] = set()     # pools with no worker, to let rest
         self.stopping = False
-        # domain -> (path, when to look it up again)
-        self._domain_site: dict[str, tuple[SitePool, float]] = {}
+        # domain -> (site, when to look it up again)
+        self._domain_site: dict[str, tuple[Site, float]] = {}
+        self._sites: dict[str, Site] = {}
         self._resolving: dict[str, list[Delivery]] = {}
         self._timers = TimerHeap()
         self._wakeup = trio.Event()
@@ -472,11 +502,18 @@ class Dispatcher:
         self.resolver = Resolver(config.dns.nameservers, timeout=config.dns.timeout)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            nursery.start_soon(self._clock_loop)
-            nursery.start_soon(self._reap_idle)
-            task_status.started(self)
+        now = self.now()
+        self.egress.start(now)
+        for source, provider in {(a.source, a.provider) for a in self.egress.automation.active()}:
+            self._apply_pair_rate(source, provider, now)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._clock_loop)
+                nursery.start_soon(self._reap_idle)
+                task_status.started(self)
+        finally:
+            self.egress.save(self.now(), force=True)
 
     # ------------------------------------------------------------------ intake
 
@@ -490,7 +527,7 @@ class Dispatcher:
             return
         entry = self._domain_site.get(d.domain)
         if entry is not None and entry[1] > now:
-            self.shaper.push(d, entry[0], now)
+            self._route(d, entry[0], now)
             self._release(now)
             return
         waiting = self._resolving.get(d.domain)
@@ -500,9 +537,9 @@ class Dispatcher:
         target = match_route(d.domain, self.routes)
         if target is not None:
             host, port = target
-            pool = self._pool(f"{host}:{port}", [(host, None, port, 0)])
-            self._domain_site[d.domain] = (pool, math.inf)
-            self.shaper.push(d, pool, now)
+            site = self._site(f"{host}:{port}", [(host, None, port, 0)])
+            self._domain_site[d.domain] = (site, math.inf)
+            self._route(d, site, now)
             self._release(now)
             return
         self._resolving[d.domain] = [d]
@@ -525,23 +562,83 @@ class Dispatcher:
             category, permanent = c.category, c.permanent
             if pool is not None and is_rate_limited(reply):
                 self.backoff(pool)
+        if pool is not None:
+            self.observe(pool, d, "bounced" if permanent else "deferred", category, reply)
         if permanent:
             self.outcomes.bounced(d, rcpts, reply, category)
         else:
             self.retry(self.outcomes.deferred(d, rcpts, reply, category))
 
+    def observe(self, pool: SitePool, d: Delivery, event: str, category: str, reply: Reply) -> None:
+        """An outcome of an attempt on ``pool``'s path: feedback to the egress (reputation,
+        adaptive rates and warmup, automation rules)."""
+        now = self.now()
+        fired = self.egress.observe(pool.source, pool.provider, pool.site.key, d, event, category, reply, now)
+        if pool.provider and self.egress.adaptive.get(pool.provider) is not None:
+            self._apply_pair_rate(pool.source, pool.provider, now)
+        for action in fired:
+            self._take(action, now)
+
+    def _take(self, action: Action, now: float) -> None:
+        """Put a new automation action into effect."""
+        if action.kind == "max_message_rate":
+            self._apply_pair_rate(action.source, action.provider, now)
+            self._apply_site_caps(action.source, now)
+        elif action.kind == "connection_limit":
+            return                              # SitePool.connection_limit asks for every new worker
+        else:
+            # Suspended here (or moved to another pool): what waits for these paths is routed
+            # again, to the pool's other sources or to wait for the end.
+            for pool in list(self.pools.values()):
+                if pool.source == action.source and (
+                        pool.site.key == action.site if action.site else pool.provider == action.provider):
+                    waiting = self.shaper.drain(pool, now) + list(pool.queue)
+                    pool.queue.clear()
+                    for d in waiting:
+                        self._route(d, pool.site, now)
+            self._release(now)
+
+    def _apply_pair_rate(self, source: str, provider: str, now: float) -> None:
+        self.shaper.set_pair_rate(source, provider, self.egress.pair_rate(source, provider, now), now)
+
+    def _apply_site_caps(self, source: str, now: float) -> None:
+        for pool in self.pools.values():
+            if pool.source == source:
+                self.shaper.cap_path(pool, self.egress.site_cap(source, pool.provider, pool.site.key), now)
+
     def retry_policy(self, domain: str) -> RetryPolicy:
         entry = self._domain_site.get(domain)
         return self.shaper.rules.retry_policy(domain, entry[0].provider if entry else "")
 
-    def _pool(self, site: str, hosts: list[tuple[str, str | None, int, int]]) -> SitePool:
-        source = self.config.delivery.source
-        key = f"{source}>{site}" if source else site
+    def _site(self, key: str, hosts: list[tuple[str, str | None, int, int]]) -> Site:
+        site = self._sites.get(key)
+        if site is None or site.hosts != hosts:
+            site = self._sites[key] = Site(key, hosts, self.shaper.rules.provider_of(tuple(sorted({h[0] for h in hosts}))))
+            for pool in self.pools.values():
+                if pool.site.key == key:        # the MX addresses changed: the paths take them on
+                    pool.site, pool.hosts = site, hosts
+        return site
+
+    def _path(self, site: Site, source: Source) -> SitePool:
+        key = f"{source.address}>{site.key}" if source.address else site.key
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = SitePool(key, hosts, self)
+            pool = self.pools[key] = SitePool(site, source, self)
+            if self.egress.site_cap(source.address, site.provider, site.key) is not None:
+                self.shaper.cap_path(pool, self.egress.site_cap(source.address, site.provider, site.key), self.now())
             pool.start()
         return pool
+
+    def _route(self, d: Delivery, site: Site, now: float) -> None:
+        """Pick the source ``d`` leaves from and queue it on that path, or hold it until a
+        source may send (warmup caps, suspensions)."""
+        choice = self.egress.choose(d, site.provider, site.key, now)
+        if choice.source is None:
+            d.next_at = choice.wait_until
+            self._timers.push(d.next_at, d)
+            self._poke(d.next_at)
+            return
+        self.shaper.push(d, self._path(site, choice.source), now)
 
     async def _resolve(self, domain: str) -> None:
         port = self.config.delivery.port
@@ -560,11 +657,11 @@ class Dispatcher:
             return
         names = tuple(sorted({mx.name for mx in mxs}))
         hosts = [(mx.name, addr, port, mx.preference) for mx in mxs for addr in mx.addresses]
-        pool = self._pool(",".join(names) + f":{port}", hosts)
+        site = self._site(",".join(names) + f":{port}", hosts)
         now = self.now()
-        self._domain_site[domain] = (pool, now + ROUTE_TTL)
+        self._domain_site[domain] = (site, now + ROUTE_TTL)
         for d in self._resolving.pop(domain, []):
-            self.shaper.push(d, pool, now)
+            self._route(d, site, now)
         self._release(now)
 
     # ------------------------------------------------------------------ shaping and timers
@@ -577,7 +674,8 @@ class Dispatcher:
             pool, d = got
             if now >= d.received_at + self.shaper.rules.retry_policy(d.domain, pool.provider).max_age:
                 held = f" (held by {pool.key})" if d.attempts == 0 else ""
-                pool._fail(d, _local_reply(_LOCAL_TEMP, "4.4.7", f"message expired in the queue{held}"), "expired")
+                self.failed(d, d.rcpts, _local_reply(_LOCAL_TEMP, "4.4.7", f"message expired in the queue{held}"),
+                            "expired")
                 continue
             pool.push(d)
         self._poke(shaper.next_wakeup())
@@ -598,11 +696,14 @@ class Dispatcher:
         """New shaping rules at run time (SIGHUP, admin API): limits, providers, priorities
         and retry policy change in place; queued mail keeps its place."""
         rules = Rules(config)
+        for site in self._sites.values():
+            site.provider = rules.provider_of(site.names)
         for pool in self.pools.values():
             provider = rules.provider_of(pool.names)
             if provider != pool.provider:
                 self.connections.rematch(pool, provider)
         self.shaper.replace(rules, self.now())
+        self.egress.configure(config)
         for pool in self.pools.values():
             while pool.spawn():
                 pass
@@ -618,8 +719,15 @@ class Dispatcher:
                 d.next_at = 0.0
                 self.submit(d, now)
             self.shaper.tick(now)
+            changed, ended = self.egress.tick(now)
+            for source, provider in changed:
+                self._apply_pair_rate(source, provider, now)
+            for action in ended:
+                if action.kind == "max_message_rate":
+                    self._apply_pair_rate(action.source, action.provider, now)
+                    self._apply_site_caps(action.source, now)
             self._release(now)
-            wake = min(self._timers.peek_due(), self.shaper.next_wakeup())
+            wake = min(self._timers.peek_due(), self.shaper.next_wakeup(), self.egress.next_wakeup())
             self._wakeup = trio.Event()
             self._sleep_until = wake
             # The clock moved on while releasing: the next token may be due already.
@@ -638,6 +746,7 @@ class Dispatcher:
             for pool in list(self.quiet_pools):
                 if not pool.rest_if_quiet(now):
                     self.quiet_pools.discard(pool)
+            self.egress.save(now)
 
     # ------------------------------------------------------------------ control
 

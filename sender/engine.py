@@ -113,7 +113,7 @@ class Engine:
         sp = config.spool
         self.journal = Journal(sp.path, fsync=sp.fsync, segment_bytes=sp.segment_bytes,
                                batch_window=sp.batch_window)
-        self.dispatcher = Dispatcher(config, self, self.now, open_stream)
+        self.dispatcher = Dispatcher(config, self, self.now, open_stream, state_path=str(Path(sp.path) / "egress.state"))
         self._live: dict[str, Delivery | list[Delivery]] = {}
         self._epoch = 0.0
         self._last_id = 0

@@ -216,6 +216,7 @@ class Shaper:
         self._queues: dict[tuple[str, str, Path], int] = {}
         self._queue_keys: list[tuple[str, str, Path]] = []
         self._backoff: dict[Path, _Backoff] = {}
+        self._caps: dict[Path, float] = {}          # automation caps on one path (messages/s)
         self._start = now
 
     # ---------------------------------------------------------------- buckets and queues
@@ -240,11 +241,60 @@ class Shaper:
 
     def _queue_buckets(self, customer: str, domain: str, path: Path, now: float) -> list[int]:
         r = self.rules
+        pair = self._buckets.get(("pair", f"{path.source}>{path.provider}"))
         return (self._limit("domain", domain, r.domain_rates.get(domain), now)
                 + self._limit("customer", customer, r.customer_rates.get(customer), now)
                 + self._limit("provider", path.provider, r.provider_rates.get(path.provider), now)
                 + self._limit("source", path.source, r.source_rates.get(path.source), now)
+                + ([pair] if pair is not None else [])
                 + [path.site_bucket])
+
+    def set_pair_rate(self, source: str, provider: str, rate: float | None, now: float) -> None:
+        """Limit all mail from ``source`` to ``provider`` to ``rate`` messages/s (None: lift
+        it): the adaptive rate and automation caps of the pair. The pair's bucket is made on
+        first use, and the queues of its paths take it on."""
+        key = ("pair", f"{source}>{provider}")
+        per_second = rate if rate is not None else math.inf
+        bid = self._buckets.get(key)
+        if bid is None:
+            if rate is None:
+                return
+            self._bucket("pair", key[1], Rate(per_second, max(1.0, per_second / 10)), now)
+            for qkey, qid in self._queues.items():
+                if qkey[2].source == source and qkey[2].provider == provider:
+                    self.scheduler.set_queue_buckets(qid, self._queue_buckets(*qkey, now), now)
+            return
+        self.scheduler.set_bucket(bid, per_second, max(1.0, per_second / 10) if rate is not None else 1.0, now)
+
+    def cap_path(self, path: Path, rate: float | None, now: float) -> None:
+        """An automation cap on one path (None: lift it); backoff acts below it."""
+        if rate is None:
+            self._caps.pop(path, None)
+        else:
+            self._caps[path] = rate
+        self._apply_path_rate(path, now)
+
+    def _apply_path_rate(self, path: Path, now: float) -> None:
+        """Set the path's bucket from its limit, its backoff and its cap, the lowest."""
+        state = self._backoff.get(path)
+        if state is not None:
+            per_second, burst = state.rate, max(1.0, state.rate / 10)
+        else:
+            rate = self.rules.site(path.provider).max_message_rate
+            per_second, burst = (rate.per_second, rate.burst) if rate else (math.inf, 1.0)
+        cap = self._caps.get(path)
+        if cap is not None and cap < per_second:
+            per_second, burst = cap, max(1.0, cap / 10)
+        self.scheduler.set_bucket(path.site_bucket, per_second, burst, now)
+
+    def drain(self, path: Path, now: float) -> list[Delivery]:
+        """Take every delivery queued for ``path`` out of the scheduler (its source may not
+        send there any more: they are routed again)."""
+        out: list[Delivery] = []
+        for key, qid in self._queues.items():
+            if key[2] is path:
+                out += self.scheduler.drain(qid, now)
+        return out
 
     def queue(self, customer: str, domain: str, path: Path, now: float) -> int:
         """The queue of one customer's mail to one domain over one path (created on first use)."""
@@ -299,7 +349,7 @@ class Shaper:
             if normal is not None and normal.per_second <= rate:
                 rate = normal.per_second / 2
             state = self._backoff[path] = _Backoff(rate, 0.0)
-            self.scheduler.set_bucket(path.site_bucket, rate, max(1.0, rate / 10), now)
+            self._apply_path_rate(path, now)
         state.next_step = now + limits.backoff_step
 
     def in_backoff(self, path: Path) -> float | None:
@@ -318,11 +368,9 @@ class Shaper:
             ceiling = normal.per_second if normal else limits.backoff_rate.per_second * 2**_RECOVERY_STEPS
             if state.rate >= ceiling:
                 del self._backoff[path]
-                rate, burst = (normal.per_second, normal.burst) if normal else (math.inf, 1.0)
             else:
                 state.next_step = now + limits.backoff_step
-                rate, burst = state.rate, max(1.0, state.rate / 10)
-            self.scheduler.set_bucket(path.site_bucket, rate, burst, now)
+            self._apply_path_rate(path, now)
 
     # ---------------------------------------------------------------- reload
 
@@ -333,15 +381,12 @@ class Shaper:
         levels = {"customer": rules.customer_rates, "domain": rules.domain_rates,
                   "source": rules.source_rates, "provider": rules.provider_rates}
         for (level, key), bid in self._buckets.items():
-            if level == "path":
+            if level in ("path", "pair"):
                 continue
             rate = levels[level].get(key)
             per_second, burst = (rate.per_second, rate.burst) if rate else (math.inf, 1.0)
             self.scheduler.set_bucket(bid, per_second, burst, now)
         for path in {key[2] for key in self._queues}:
-            if path not in self._backoff:
-                rate = rules.site(path.provider).max_message_rate
-                per_second, burst = (rate.per_second, rate.burst) if rate else (math.inf, 1.0)
-                self.scheduler.set_bucket(path.site_bucket, per_second, burst, now)
+            self._apply_path_rate(path, now)
         for key, qid in self._queues.items():
             self.scheduler.set_queue_buckets(qid, self._queue_buckets(*key, now), now)

@@ -10,7 +10,10 @@ Rules (TOML, ``[[rule]]`` tables, first match wins) pick what happens to a recip
     delay = 0.5                     # seconds to wait first (any action; "delay" then accepts)
 
 Recipients with no matching rule are accepted. With a log file, every accepted message is one
-JSON line: message_id, from, to, peer, size, tls, at.
+JSON line: message_id, from, to, peer, source (the peer's IP), size, tls, at.
+
+A ``[simulate]`` table in the same file makes the sink answer like a mailbox provider before
+the rules do (per source IP rate limits, block-listing, greylisting): see :mod:`sender.simulator`.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import trio
 import trio.testing
 
 from .config import ConfigError, parse_duration, parse_hostport
+from .simulator import ProviderSimulator, SimulateConfig, SimulatedTransaction
 from .smtp.sockets import FastStream, open_listener
 from .smtp.serve import Answer, DropConnection, IdleWatchdog, serve_session
 from .smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
 
-__all__ = ["Sink", "SinkRule", "SinkStatistics", "load_rules", "parse_reply"]
+__all__ = ["Sink", "SinkConfig", "SinkRule", "SinkStatistics", "load_config", "load_rules", "parse_reply"]
 
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^>\r\n]*>|[^\s]+)")
 
@@ -43,6 +47,13 @@ class SinkRule(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reply: str = ""
     at: Literal["rcpt", "data"] = "rcpt"
     delay: float | str = 0.0
+
+
+class SinkConfig(msgspec.Struct, kw_only=True):
+    """A rules file: ``[[rule]]`` tables and an optional ``[simulate]`` table."""
+
+    rule: list[SinkRule] = []
+    simulate: SimulateConfig | None = None
 
 
 class SinkStatistics(msgspec.Struct):
@@ -81,15 +92,49 @@ class _Rule:
             raise ConfigError(f"{key}.reply: action {self.action!r} needs a {want}xx reply, got {self.answer[0]}")
 
 
-def load_rules(data: bytes | str | None) -> list[SinkRule]:
-    """Parse a rules file's TOML text; errors name the rule and field."""
+def load_config(data: bytes | str | None) -> SinkConfig:
+    """Parse a rules file's TOML text.
+
+    Raises:
+      ConfigError: naming the rule and field (``rule[0].action``) or the simulate key
+        (``simulate.rate_limit: ...``); also for text that is not UTF-8 TOML.
+    """
     if not data:
-        return []
-    doc = tomllib.loads(data.decode() if isinstance(data, bytes) else data)
+        return SinkConfig()
     try:
-        return msgspec.convert(doc.get("rule", []), list[SinkRule])
+        doc = tomllib.loads(data.decode() if isinstance(data, bytes) else data)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"sink rules: not a TOML file: {e}") from None
+    try:
+        config = msgspec.convert(doc, SinkConfig)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"sink rules: {e}".replace("`$[", "`rule[")) from None
+        raise ConfigError(_name_key(str(e))) from None
+    if config.simulate is not None:
+        ProviderSimulator(config.simulate)  # its checks, now rather than when the sink starts
+    return config
+
+
+def _name_key(message: str) -> str:
+    """msgspec's "... - at `$.simulate.x`" becomes "simulate.x: ..."; rule errors keep their
+    "sink rules: ... `rule[0]`" form."""
+    m = re.fullmatch(r"(.*) - at `\$\.(simulate(?:\.\w+)?)`", message)
+    if m is None:
+        return f"sink rules: {message}".replace("`$.", "`")
+    text, key = m.groups()
+    unknown = re.fullmatch(r"Object contains unknown field `(\w+)`", text)
+    if unknown:
+        return f"{key}.{unknown.group(1)}: unknown key"
+    return f"{key}: {text}"
+
+
+def load_rules(data: bytes | str | None) -> list[SinkRule]:
+    """The ``[[rule]]`` tables of a rules file (see :func:`load_config`)."""
+    return load_config(data).rule
+
+
+def _source_ip(peer: str) -> str:
+    """ "127.0.0.3:0" -> "127.0.0.3"; IPv6 peers are written "::1:25" by the sink."""
+    return peer.rpartition(":")[0] or peer
 
 
 class _Session:
@@ -97,14 +142,35 @@ class _Session:
         self.sink = sink
         self.peer = peer
         self.proto = proto
+        self.source = _source_ip(peer)
         self.data_rules: list[_Rule] = []
+        self.simulated: SimulatedTransaction | None = None
 
     async def on_mail(self, ev: MailFrom) -> Answer:
         self.data_rules = []
+        sim = self.sink.simulator
+        if sim is not None:
+            self.simulated = sim.transaction(self.source, ev.address)
+            refusal = self.simulated.on_mail()
+            if refusal is not None:
+                self.sink.count(refusal[0])
+                return refusal
         return 250, "2.1.0", "Ok"
 
     async def on_rcpt(self, ev: RcptTo) -> Answer:
-        rule = self.sink.rule_for(ev.address)
+        simulated = self.simulated
+        if simulated is not None:
+            refusal = simulated.on_rcpt(ev.address)
+            if refusal is not None:
+                self.sink.count(refusal[0])
+                return refusal
+        answer = await self._rule_answer(ev.address)
+        if simulated is not None:
+            simulated.answered(answer[0])
+        return answer
+
+    async def _rule_answer(self, rcpt: str) -> Answer:
+        rule = self.sink.rule_for(rcpt)
         if rule is None:
             return 250, "2.1.5", "Ok"
         if rule.at == "data":
@@ -116,8 +182,12 @@ class _Session:
         for rule in self.data_rules:
             answer = await self.sink.apply(rule, self.flush)
             if answer[0] >= 300:
+                if answer[0] >= 500 and self.simulated is not None:
+                    self.simulated.rejected_at_data(len(self.data_rules))
                 return answer
         self.sink.record(ev, self.peer, tls=self.proto.tls)
+        if self.simulated is not None:
+            self.simulated.delivered()
         return 250, "2.0.0", "Ok: queued"
 
 
@@ -127,12 +197,15 @@ class Sink:
     Args:
       rules: parsed rules, first match wins.
       log_path: write one JSON line per accepted message there.
+      simulate: answer like a mailbox provider first, per source IP, on every address the sink
+        listens on; its counters are ``sink.simulator.statistics()``.
     """
 
     def __init__(self, rules: list[SinkRule] | None = None, *, log_path: str | None = None,
                  hostname: str = "sink.localhost", max_message_size: int = 64 * 1024 * 1024,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, simulate: SimulateConfig | None = None) -> None:
         self.rules = [_Rule(r, i) for i, r in enumerate(rules or [])]
+        self.simulator = ProviderSimulator(simulate, hostname=hostname) if simulate is not None else None
         self.hostname = hostname
         self.max_message_size = max_message_size
         self.tls_context = tls_context  # offer STARTTLS with this server context
@@ -158,12 +231,14 @@ class Sink:
         if rule.action == "drop":
             self.stats.dropped += 1
             raise DropConnection()
-        code = rule.answer[0]
+        self.count(rule.answer[0])
+        return rule.answer
+
+    def count(self, code: int) -> None:
         if code >= 500:
             self.stats.rejected += 1
         elif code >= 400:
             self.stats.deferred += 1
-        return rule.answer
 
     def record(self, ev: MessageReceived, peer: str, *, tls: bool = False) -> None:
         self.stats.messages += 1
@@ -173,7 +248,8 @@ class Sink:
         head = ev.body[: ev.body.find(b"\r\n\r\n") + 2]
         m = _MESSAGE_ID.search(head)
         entry = {"message_id": m.group(1).decode("utf-8", "replace") if m else None,
-                 "from": ev.sender, "to": list(ev.rcpts), "peer": peer, "size": len(ev.body),
+                 "from": ev.sender, "to": list(ev.rcpts), "peer": peer, "source": _source_ip(peer),
+                 "size": len(ev.body),
                  "tls": tls, "at": time.time()}
         if self.messages is not None:
             self.messages.append(entry)
