@@ -547,6 +547,9 @@ def check_automation_rule(r: AutomationRule, key: str, pools: dict[str, PoolConf
             raise ConfigError(f"{key}.pool: needed with action \"reroute\"")
         if pools is not None and r.pool not in pools:
             raise ConfigError(f"{key}.pool: no [pool.{r.pool}]")
+        if pools is not None and pools[r.pool].dedicated:
+            raise ConfigError(f"{key}.pool: {r.pool!r} is a dedicated pool; mail is moved only between "
+                              "shared pools")
 
 
 _DURATIONS = ("idle_timeout", "retry_interval", "max_retry_interval", "max_age", "backoff_step")

@@ -261,6 +261,7 @@ class SitePool:
             while not self.queue and not self.d.stopping:
                 self._idle[task] = until
                 self.d.idle_pools.add(self)
+                self.d.want_reaper()
                 if not await trio.lowlevel.wait_task_rescheduled(abort):
                     break
         if self.queue and not self.d.stopping:
@@ -328,6 +329,7 @@ class SitePool:
                 if not self.spawn() and not self.queue:
                     self.rest_since = self.d.now()
                     self.d.quiet_pools.add(self)
+                    self.d.want_reaper()
 
     async def _work(self) -> None:
         session: SMTPSession | None = None
@@ -498,6 +500,7 @@ class Dispatcher:
         self._timers = TimerHeap()
         self._wakeup = trio.Event()
         self._sleep_until = -math.inf               # when the clock loop wakes by itself
+        self._reaper_wanted = trio.Event()
         self.nursery: trio.Nursery | None = None
         self.resolver = Resolver(config.dns.nameservers, timeout=config.dns.timeout)
 
@@ -574,6 +577,7 @@ class Dispatcher:
         adaptive rates and warmup, automation rules)."""
         now = self.now()
         fired = self.egress.observe(pool.source, pool.provider, pool.site.key, d, event, category, reply, now)
+        self.want_reaper()                      # to save the egress state
         if pool.provider and self.egress.adaptive.get(pool.provider) is not None:
             self._apply_pair_rate(pool.source, pool.provider, now)
         for action in fired:
@@ -633,6 +637,8 @@ class Dispatcher:
         """Pick the source ``d`` leaves from and queue it on that path, or hold it until a
         source may send (warmup caps, suspensions)."""
         choice = self.egress.choose(d, site.provider, site.key, now)
+        if self.egress.dirty:
+            self.want_reaper()
         if choice.source is None:
             d.next_at = choice.wait_until
             self._timers.push(d.next_at, d)
@@ -734,10 +740,18 @@ class Dispatcher:
             with trio.move_on_after(max(0.0, wake - self.now())):
                 await self._wakeup.wait()
 
+    def want_reaper(self) -> None:
+        if not self._reaper_wanted.is_set():
+            self._reaper_wanted.set()
+
     async def _reap_idle(self) -> None:
-        """Once a second, end the idle workers whose idle_timeout is up, and let the pools
-        rest that have been quiet for POOL_REST seconds."""
+        """Once a second, end the idle workers whose idle_timeout is up, let the pools rest
+        that have been quiet for POOL_REST seconds, and save the egress state. With none of
+        that to do it sleeps until there is (days of virtual time then cost nothing)."""
         while True:
+            if not (self.idle_pools or self.quiet_pools or self.egress.dirty):
+                self._reaper_wanted = trio.Event()
+                await self._reaper_wanted.wait()
             await trio.sleep(1)
             now = self.now()
             for pool in list(self.idle_pools):

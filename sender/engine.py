@@ -123,7 +123,9 @@ class Engine:
         su = config.suppression
         self.suppression = SuppressionList(
             suppression_path(config), {"bad_domain": su.bad_domain_ttl, "inactive_mailbox": su.inactive_mailbox_ttl},
-            shared=config.daemon.processes > 1) if su.enabled else None
+            shared=config.daemon.processes > 1, on_write=self._suppression_written) if su.enabled else None
+        self._suppression_dirty = trio.Event()
+        self._suppression_read = 0.0
         self._wait_outcomes = sp.fsync == "always"
         self._nursery: trio.Nursery | None = None
         self._drained = trio.Event()
@@ -249,14 +251,24 @@ class Engine:
         if self.suppression is None:
             return {}
         now = self.now() if now is None else now
+        if now - self._suppression_read >= 1.0:
+            # What a sibling shard or `sender suppression add` appended: seen within a second.
+            self._suppression_read = now
+            self.suppression.refresh()
         check = self.suppression.check
         return {r: e for r in rcpts if (e := check(customer, r, now)) is not None}
 
+    def _suppression_written(self) -> None:
+        if not self._suppression_dirty.is_set():
+            self._suppression_dirty.set()
+
     async def _suppression_sync(self) -> None:
-        """Once a second: read what sibling shards added, and fsync what this one added."""
+        """fsync what this process added to the suppression log, a second after the first
+        unsynced write at the latest (asleep while there is none)."""
         while True:
+            await self._suppression_dirty.wait()
             await trio.sleep(1.0)
-            self.suppression.refresh()
+            self._suppression_dirty = trio.Event()
             await trio.to_thread.run_sync(self.suppression.sync)
 
     # ---------------------------------------------------------------- outcomes (called by delivery)
@@ -413,10 +425,16 @@ class Engine:
     # ---------------------------------------------------------------- compaction
 
     async def _compactor(self) -> None:
-        """Delete dead segments; move the few live messages out of a sparse oldest segment."""
+        """Delete dead segments; move the few live messages out of a sparse oldest segment.
+        Every second while the journal grows, less often (up to once a minute) while it does
+        not: a quiet daemon, or days of virtual time, cost few wake-ups."""
         ratio = self.config.spool.compact_live_ratio
+        delay, seen = 1.0, -1
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(delay)
+            size = self.journal.total_bytes
+            delay = 1.0 if size != seen else min(delay * 2, 60.0)
+            seen = size
             self.journal.drop_dead_segments()
             seg = self.journal.oldest_sealed()
             if seg is not None and self.journal.live.get(seg, 0) <= ratio * self.journal.accepted.get(seg, 0):

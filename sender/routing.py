@@ -122,7 +122,7 @@ class Egress:
         self.reputation = Reputation(window=config.egress.reputation_window)
         self.automation = Automation(config.automation.rule, config.automation.default_rules)
         self._aimd: dict[tuple[str, str], AIMD] = {}
-        self._dirty = False
+        self.dirty = False
         self._saved_at = -math.inf
         self.configure(config)
 
@@ -227,7 +227,7 @@ class Egress:
             self.state.sent = {}
             self.state.outcomes = {k: v for k, v in self.state.outcomes.items()
                                    if int(k.partition(">")[0]) >= day - 1}
-            self._dirty = True
+            self.dirty = True
         return day
 
     def cap(self, source: Source, provider: str, day: int) -> tuple[int | None, int | None]:
@@ -268,7 +268,7 @@ class Egress:
         sent[source.address] = sent.get(source.address, 0) + 1
         key = f"{source.address}>{provider}"
         sent[key] = sent.get(key, 0) + 1
-        self._dirty = True
+        self.dirty = True
 
     def _stage(self, source: Source, provider: str, days: list[int], day: int) -> int:
         """The adaptive stage of (source, provider) today: decided once a day from
@@ -290,7 +290,7 @@ class Egress:
                 stage += 1              # the cap was used and the provider took the mail
         st.stages[key] = stage
         st.evaluated[key] = day
-        self._dirty = True
+        self.dirty = True
         return stage
 
     # ------------------------------------------------------------------ feedback
@@ -311,7 +311,7 @@ class Egress:
             aimd = self._pair_aimd(source, provider, now)
             if aimd is not None and aimd.on_reply(category == "rate_limited", now):
                 self.state.rates[f"{source}>{provider}"] = aimd.rate
-            self._dirty = True
+            self.dirty = True
         if reply is None or event == "delivered":
             return []
         pool = self.pool_of(d.customer, d.message_type)
@@ -319,7 +319,7 @@ class Egress:
                                         pool=pool.name if pool is not None else "", reply=reply,
                                         category=category, now=now)
         for action in fired:
-            self._dirty = True
+            self.dirty = True
             log.warning("automation: rule %r fired for %s toward %s: %s until %s, after: %s", action.rule,
                         action.source or "the default source", action.site or action.provider,
                         _describe(action), datetime.datetime.fromtimestamp(action.until, datetime.timezone.utc)
@@ -370,7 +370,7 @@ class Egress:
             log.warning("automation: %s for %s toward %s (rule %r) ended", _describe(action),
                         action.source or "the default source", action.site or action.provider, action.rule)
         if changed or ended:
-            self._dirty = True
+            self.dirty = True
         return changed, ended
 
     def next_wakeup(self) -> float:
@@ -393,7 +393,7 @@ class Egress:
     def save(self, now: float, *, force: bool = False) -> None:
         """Write the state if it changed (at most once per ``SAVE_EVERY`` unless forced):
         a temporary file, fsync, rename."""
-        if self.state_path is None or not self._dirty or (not force and now - self._saved_at < SAVE_EVERY):
+        if self.state_path is None or not self.dirty or (not force and now - self._saved_at < SAVE_EVERY):
             return
         self.state.actions = self.automation.active()
         self.state.reputation = self.reputation.snapshot()
@@ -403,7 +403,7 @@ class Egress:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
-        self._dirty = False
+        self.dirty = False
         self._saved_at = now
 
     # ------------------------------------------------------------------ inspection

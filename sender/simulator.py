@@ -14,6 +14,7 @@ and benchmarked on loopback (one sink per provider, e.g. on 127.0.0.11, .12, .13
     blocklist_for = "1h"            # how long a listing lasts
     greylist = "5m"                 # first try of a (source IP, sender, recipient) waits this long
     unknown_users = "nobody*@*"     # recipients answered "user unknown"
+    limited_sources = ["127.0.0.3"] # rate_limit and daily_limit hold only these ([] = all)
 
 Every feature is off while its key is unset. Time is ``trio.current_time()``, so tests on a
 virtual clock see hours pass at once.
@@ -127,6 +128,9 @@ class SimulateConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     blocklist_for: float | str = "1h"
     greylist: float | str | None = None
     unknown_users: str | None = None
+    # The source IPs that rate_limit and daily_limit hold ([] = every one): a provider that
+    # distrusts some of a sender's IPs more than others.
+    limited_sources: list[str] = []
 
 
 class SourceStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -236,6 +240,9 @@ class ProviderSimulator:
         if now < state.listed_until:       # once past it, forgiven: counters were reset at listing
             state.counts["blocklisted"] += 1
             return self.reply("blocklist", source)
+        if self.config.limited_sources and source not in self.config.limited_sources:
+            state.today += 1
+            return None
         if self.daily_limit is not None:
             day = math.floor(now / _DAY)
             if day != state.day:

@@ -185,7 +185,7 @@ class _Session:
                 if answer[0] >= 500 and self.simulated is not None:
                     self.simulated.rejected_at_data(len(self.data_rules))
                 return answer
-        self.sink.record(ev, self.peer, tls=self.proto.tls)
+        self.sink.record(ev, self.peer, tls=self.proto.tls, helo=self.proto.helo or "")
         if self.simulated is not None:
             self.simulated.delivered()
         return 250, "2.0.0", "Ok: queued"
@@ -240,7 +240,7 @@ class Sink:
         elif code >= 400:
             self.stats.deferred += 1
 
-    def record(self, ev: MessageReceived, peer: str, *, tls: bool = False) -> None:
+    def record(self, ev: MessageReceived, peer: str, *, tls: bool = False, helo: str = "") -> None:
         self.stats.messages += 1
         self.stats.recipients += len(ev.rcpts)
         if self._log is None and self.messages is None:
@@ -249,8 +249,7 @@ class Sink:
         m = _MESSAGE_ID.search(head)
         entry = {"message_id": m.group(1).decode("utf-8", "replace") if m else None,
                  "from": ev.sender, "to": list(ev.rcpts), "peer": peer, "source": _source_ip(peer),
-                 "size": len(ev.body),
-                 "tls": tls, "at": time.time()}
+                 "helo": helo, "size": len(ev.body), "tls": tls, "at": time.time()}
         if self.messages is not None:
             self.messages.append(entry)
         if self._log is not None:

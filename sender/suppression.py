@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -63,8 +64,9 @@ class SuppressionList:
     """
 
     def __init__(self, path: str | os.PathLike, ttl: dict[str, float] | None = None, *,
-                 shared: bool = False) -> None:
+                 shared: bool = False, on_write: Callable[[], None] | None = None) -> None:
         self.path = Path(path)
+        self.on_write = on_write       # told after each local write (the owner schedules a sync)
         self.ttl = dict(ttl or {})
         self._entries: dict[tuple[str, str], Entry] = {}
         self._frames = 0
@@ -109,6 +111,8 @@ class SuppressionList:
         os.write(self._fd, _HEADER.pack(len(payload), crc32c(payload)) + payload)
         self._dirty = True
         self.refresh()                  # applies it, after whatever a sibling appended first
+        if self.on_write is not None:
+            self.on_write()
 
     # ---------------------------------------------------------------- queries
 

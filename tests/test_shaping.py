@@ -31,8 +31,8 @@ class TimedSink(Sink):
         self.seen: list[tuple[float, str]] = []
         self.open = self.most_open = 0
 
-    def record(self, ev, peer, *, tls=False) -> None:
-        super().record(ev, peer, tls=tls)
+    def record(self, ev, peer, **kw) -> None:
+        super().record(ev, peer, **kw)
         self.seen.append((trio.current_time(), ev.rcpts[0]))
 
     async def _serve(self, stream, peer) -> None:

@@ -78,6 +78,16 @@ async def test_rate_limit_is_per_source_ip_and_recovers(autojump_clock):
     assert sink.stats.deferred == 1
 
 
+async def test_limited_sources_alone_are_held_to_the_rate(autojump_clock):
+    async with trio.open_nursery() as n:
+        sink = await start(n, provider="google", rate_limit="1/h", limited_sources=["127.0.0.3"])
+        held = [await send(sink, "127.0.0.3", ["u@gmail.test"]) for _ in range(2)]
+        free = [await send(sink, "127.0.0.4", ["u@gmail.test"]) for _ in range(5)]
+        n.cancel_scope.cancel()
+    assert held[0].final.code == 250 and held[1].rcpts[0].enhanced == "4.7.28"
+    assert [r.final.code for r in free] == [250] * 5
+
+
 async def test_microsoft_refuses_the_mail_command(autojump_clock):
     async with trio.open_nursery() as n:
         sink = await start(n, provider="microsoft", rate_limit="1/h")

@@ -104,6 +104,12 @@ class PhaseWatch:
 
     def __init__(self) -> None:
         self.sessions: set["SMTPSession"] = set()
+        self._work = trio.Event()
+
+    def add(self, session: "SMTPSession") -> None:
+        self.sessions.add(session)
+        if not self._work.is_set():
+            self._work.set()
 
     @classmethod
     def current(cls) -> "PhaseWatch":
@@ -117,6 +123,9 @@ class PhaseWatch:
 
     async def _run(self) -> None:
         while True:
+            if not self.sessions:           # nothing to watch: no ticks (days of virtual time are cheap)
+                self._work = trio.Event()
+                await self._work.wait()
             await trio.sleep(1)
             now = trio.current_time()
             for session in [s for s in self.sessions if s.phase_until <= now]:
@@ -304,7 +313,7 @@ class SMTPSession:
         phase = "MAIL/RCPT/DATA"
         watch = PhaseWatch.current()
         self.phase_until = trio.current_time() + t.mail + t.rcpt + t.data
-        watch.sessions.add(self)
+        watch.add(self)
         try:
             await self._send(self._envelope(sender_of(cur), cur.rcpts, cur_body))
             while True:

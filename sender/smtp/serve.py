@@ -47,10 +47,13 @@ class IdleWatchdog:
         self.timeout_ticks = max(1, math.ceil(timeout))
         self.tick = 0
         self._sessions: set[_Watched] = set()
+        self._work = trio.Event()
 
     def watch(self, scope: trio.CancelScope) -> _Watched:
         w = _Watched(scope, self.tick)
         self._sessions.add(w)
+        if not self._work.is_set():
+            self._work.set()
         return w
 
     def forget(self, w: _Watched) -> None:
@@ -58,6 +61,9 @@ class IdleWatchdog:
 
     async def run(self) -> None:
         while True:
+            if not self._sessions:          # nothing to watch: no ticks
+                self._work = trio.Event()
+                await self._work.wait()
             await trio.sleep(1)
             self.tick += 1
             for w in self._sessions:
