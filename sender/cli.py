@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--ttl", type=float, help="seconds until the entry expires, for add (default: never)")
     sup.add_argument("--all", action="store_true", help="list every customer's entries")
 
+    sim = sub.add_parser("simulate", help="run a warmup plan against simulated providers on a virtual clock")
+    sim.add_argument("--config", required=True, help="TOML config with a [simulation] table")
+    sim.add_argument("--days", type=_positive_int("--days"), default=30)
+    sim.add_argument("--chart", default="", help="write a PNG chart here (needs matplotlib)")
+
     demo = sub.add_parser("demo", help="sink + daemon + load on loopback, then a report")
     demo.add_argument("--messages", type=_positive_int("--messages"), default=20000)
     demo.add_argument("--connections", type=_positive_int("--connections"), default=20)
@@ -303,6 +308,13 @@ def _cmd_suppression(args) -> int:
     return 0
 
 
+def _cmd_simulate(args) -> int:
+    from .simulate import simulate
+
+    print(simulate(args.config, args.days, args.chart or None))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -310,7 +322,7 @@ def _cmd_demo(args) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "classify": _cmd_classify,
-             "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo}
+             "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo, "simulate": _cmd_simulate}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -733,7 +733,11 @@ class Dispatcher:
                     self._apply_pair_rate(action.source, action.provider, now)
                     self._apply_site_caps(action.source, now)
             self._release(now)
-            wake = min(self._timers.peek_due(), self.shaper.next_wakeup(), self.egress.next_wakeup())
+            # Retry timers fire on whole seconds: the retries of a second go in one pass
+            # (they are minutes apart anyway), not one wake-up each.
+            due = self._timers.peek_due()
+            wake = min(math.ceil(due) if due < math.inf else due, self.shaper.next_wakeup(),
+                       self.egress.next_wakeup())
             self._wakeup = trio.Event()
             self._sleep_until = wake
             # The clock moved on while releasing: the next token may be due already.

@@ -105,10 +105,14 @@ class Engine:
       config: a :class:`~sender.config.Config`.
       repair: skip corrupt journal records in the middle instead of refusing to start.
       open_stream: replaces TCP connects for delivery (tests use in-memory streams).
+      epoch: wall-clock seconds at trio time 0 (default: the real clock's, at ``run``); a
+        simulation on a virtual clock picks its own date.
     """
 
-    def __init__(self, config: Config, *, repair: bool = False, open_stream: OpenStream | None = None) -> None:
+    def __init__(self, config: Config, *, repair: bool = False, open_stream: OpenStream | None = None,
+                 epoch: float | None = None) -> None:
         self.config = config
+        self._fixed_epoch = epoch
         self.repair = repair
         sp = config.spool
         self.journal = Journal(sp.path, fsync=sp.fsync, segment_bytes=sp.segment_bytes,
@@ -155,7 +159,7 @@ class Engine:
         Raises:
           JournalCorrupt: the journal is corrupt in the middle and ``repair`` is off.
         """
-        self._epoch = time.time() - trio.current_time()
+        self._epoch = time.time() - trio.current_time() if self._fixed_epoch is None else self._fixed_epoch
         # The replayed dict becomes the live registry itself: no second million-entry copy.
         self._live = live = self.journal.replay(repair=self.repair)
         self._last_id = _id_time(max(live, default=""))

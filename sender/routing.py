@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -58,6 +59,7 @@ RESUME_SPREAD_MAX = 900.0
 # of mail, so its health can be seen to recover).
 MIN_HEALTH = 0.05
 SAVE_EVERY = 1.0
+FIRED_KEPT = 1000
 
 
 @dataclass(eq=False)
@@ -122,6 +124,7 @@ class Egress:
         self.reputation = Reputation(window=config.egress.reputation_window)
         self.automation = Automation(config.automation.rule, config.automation.default_rules)
         self._aimd: dict[tuple[str, str], AIMD] = {}
+        self.fired: deque[Action] = deque(maxlen=FIRED_KEPT)    # recent actions, newest last
         self.dirty = False
         self._saved_at = -math.inf
         self.configure(config)
@@ -131,7 +134,12 @@ class Egress:
         are dropped)."""
         self.state = self._load()
         if self.state.reputation:
-            self.reputation = Reputation.restore(self.state.reputation, window=self.config.egress.reputation_window)
+            try:
+                self.reputation = Reputation.restore(self.state.reputation,
+                                                     window=self.config.egress.reputation_window)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                log.error("egress state %s: reputation windows unreadable (%s): they start empty",
+                          self.state_path, e)
         self.automation.restore(self.state.actions, now)
         self._roll(now)
 
@@ -320,6 +328,7 @@ class Egress:
                                         category=category, now=now)
         for action in fired:
             self.dirty = True
+            self.fired.append(action)
             log.warning("automation: rule %r fired for %s toward %s: %s until %s, after: %s", action.rule,
                         action.source or "the default source", action.site or action.provider,
                         _describe(action), datetime.datetime.fromtimestamp(action.until, datetime.timezone.utc)

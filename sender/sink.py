@@ -28,7 +28,6 @@ from typing import Literal
 import msgspec
 import orjson
 import trio
-import trio.testing
 
 from .config import ConfigError, parse_duration, parse_hostport
 from .simulator import ProviderSimulator, SimulateConfig, SimulatedTransaction
@@ -191,6 +190,90 @@ class _Session:
         return 250, "2.0.0", "Ok: queued"
 
 
+class _Direction:
+    """Bytes on their way from one end of an in-memory connection to the other."""
+
+    __slots__ = ("data", "eof", "reader")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+        self.reader: trio.lowlevel.Task | None = None
+
+    def wake(self) -> None:
+        if self.reader is not None:
+            task, self.reader = self.reader, None
+            trio.lowlevel.reschedule(task)
+
+
+class MemoryStream(trio.abc.HalfCloseableStream):
+    """One end of an in-memory connection: what trio's ``memory_stream_pair`` does, minus
+    its pumps and hooks (a virtual-time simulation moves every byte through here).
+
+    A send never blocks (the buffer is unbounded: the peer is a sink, or a client that reads
+    every reply); a receive waits for data or the peer's end of stream.
+    """
+
+    def __init__(self, inbound: _Direction, outbound: _Direction) -> None:
+        self._in = inbound
+        self._out = outbound
+        self._closed = False
+
+    @staticmethod
+    def pair() -> tuple["MemoryStream", "MemoryStream"]:
+        a, b = _Direction(), _Direction()
+        return MemoryStream(a, b), MemoryStream(b, a)
+
+    async def send_all(self, data) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._out.eof:
+            raise trio.BrokenResourceError("the other end is closed")
+        self._out.data += data
+        self._out.wake()
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        self._out.eof = True
+        self._out.wake()
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        inbound = self._in
+        if not inbound.data and not inbound.eof:
+            if inbound.reader is not None:
+                raise trio.BusyResourceError("another task is receiving")
+            inbound.reader = trio.lowlevel.current_task()
+
+            def abort(_):
+                inbound.reader = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+        else:
+            await trio.lowlevel.checkpoint()
+        n = len(inbound.data) if max_bytes is None else min(max_bytes, len(inbound.data))
+        out = bytes(inbound.data[:n])
+        del inbound.data[:n]
+        return out
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._out.eof = True                # the peer reads what is left, then the end
+            self._out.wake()
+            self._in.eof = True
+            self._in.wake()
+        await trio.lowlevel.checkpoint()
+
+
 class Sink:
     """A trio SMTP server that answers by rules and counts what it saw.
 
@@ -281,7 +364,7 @@ class Sink:
 
     async def open_stream(self, host: str, port: int, source: str = "") -> trio.abc.Stream:
         """Connect in memory; a drop-in for ``Engine(open_stream=...)``."""
-        client, server = trio.testing.memory_stream_pair()
+        client, server = MemoryStream.pair()
         self._memory_nursery.start_soon(self._serve, server, f"{source or '127.0.0.1'}:0")
         return client
 
