@@ -311,6 +311,8 @@ def _cmd_suppression(args) -> int:
 def _cmd_simulate(args) -> int:
     from .simulate import simulate
 
+    if not args.verbose:        # the report sums up the automation actions the log would list
+        logging.getLogger("sender").setLevel(logging.ERROR)
     print(simulate(args.config, args.days, args.chart or None))
     return 0
 

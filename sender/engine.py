@@ -329,6 +329,12 @@ class Engine:
         return self.journal.read(d.segment, d.offset, d.length).body
 
     def _record(self, rec) -> None:
+        if self.journal.closed:
+            # Shutting down by cancellation: a worker torn out of its session reports after the
+            # journal closed. The message stays live on disk and goes again after a restart,
+            # like any delivery in flight at a stop.
+            log.info("not journaled (the journal is closed): %s for %s", type(rec).__name__, rec.id)
+            return
         self.journal.append(rec)
 
     async def settle(self) -> None:

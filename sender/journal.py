@@ -453,6 +453,10 @@ class Journal:
             finally:
                 os.close(dfd)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Sync (per policy) and close every file; wakes all waiters. Safe to call twice."""
         if self._closed:

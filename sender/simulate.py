@@ -39,7 +39,7 @@ from .config import Config, ConfigError, parse_config
 from .engine import Engine
 from .routing import DAY
 from .shaping import BUILTIN_PROVIDERS
-from .simulator import SimulateConfig
+from .simulator import ProviderSimulator, SimulateConfig
 from .sink import Sink
 
 __all__ = ["SimulationConfig", "ProviderLoad", "load_simulation", "run_simulation", "DayRow"]
@@ -114,8 +114,11 @@ def load_simulation(path: str | Path) -> tuple[Config, SimulationConfig, dict[st
             table.setdefault("unknown_users", "nobody*@*")
         try:
             simulate = msgspec.convert(table, SimulateConfig)
+            ProviderSimulator(simulate)                 # checks the values
         except msgspec.ValidationError as e:
             raise ConfigError(f"{key}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{key}.{str(e).removeprefix('simulate.')}") from None
         loads[name] = ProviderLoad(share=float(share), unknown_share=float(unknown), simulate=simulate)
     start = datetime.datetime.now(datetime.timezone.utc).date()
     spool = Path(tempfile.mkdtemp(prefix="sender-simulate-"))

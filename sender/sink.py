@@ -360,10 +360,17 @@ class Sink:
             self._memory_nursery = nursery
             nursery.start_soon(self._watchdog.run)
             task_status.started(self)
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._memory_nursery = None
 
     async def open_stream(self, host: str, port: int, source: str = "") -> trio.abc.Stream:
-        """Connect in memory; a drop-in for ``Engine(open_stream=...)``."""
+        """Connect in memory; a drop-in for ``Engine(open_stream=...)``. A sink that is not
+        running (or stopping) refuses the connection."""
+        await trio.lowlevel.checkpoint()
+        if self._memory_nursery is None:
+            raise OSError(111, "Connection refused")
         client, server = MemoryStream.pair()
         self._memory_nursery.start_soon(self._serve, server, f"{source or '127.0.0.1'}:0")
         return client
