@@ -305,6 +305,8 @@ class Automation:
             self._install(msgspec.structs.replace(a, replies=list(a.replies)))
 
     def _applying(self, source: str, provider: str, site: str) -> list[Action]:
+        if not self._index:                 # the usual case: nothing in force
+            return []
         found = self._index.get(("s", source, site), [])
         if provider:
             found = found + self._index.get(("p", source, provider), [])

@@ -1,4 +1,4 @@
-"""The ``sender`` command: run, sink, queue, demo.
+"""The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, simulate, demo.
 
 Each subcommand parses its flags, builds the same objects the Python API uses, and reports
 bad input as one line naming the flag or config key, with exit status 2.
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--reason", default="manual", help="why, for add (e.g. complaint, invalid_recipient)")
     sup.add_argument("--ttl", type=float, help="seconds until the entry expires, for add (default: never)")
     sup.add_argument("--all", action="store_true", help="list every customer's entries")
+
+    eg = sub.add_parser("egress", help="warmup counts, adaptive rates and automation actions in force (JSON)")
+    eg.add_argument("--spool", required=True, help="the daemon's spool directory")
 
     sim = sub.add_parser("simulate", help="run a warmup plan against simulated providers on a virtual clock")
     sim.add_argument("--config", required=True, help="TOML config with a [simulation] table")
@@ -308,6 +311,21 @@ def _cmd_suppression(args) -> int:
     return 0
 
 
+def _cmd_egress(args) -> int:
+    from .daemon import spool_dirs
+    from .routing import read_state
+
+    if not os.path.isdir(args.spool):
+        raise ConfigError(f"--spool: no such directory: {args.spool}")
+    for d in spool_dirs(args.spool):
+        try:
+            state = read_state(d / "egress.state")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        print(orjson.dumps({"spool": str(d), **(state or {"actions": []})}).decode())
+    return 0
+
+
 def _cmd_simulate(args) -> int:
     from .simulate import simulate
 
@@ -324,7 +342,8 @@ def _cmd_demo(args) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "classify": _cmd_classify,
-             "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo, "simulate": _cmd_simulate}
+             "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo, "simulate": _cmd_simulate,
+             "egress": _cmd_egress}
 
 if __name__ == "__main__":
     sys.exit(main())

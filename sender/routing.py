@@ -41,7 +41,7 @@ from .config import Config, WarmupPlan
 from .model import Delivery, Reply
 from .reputation import AIMD, Reputation
 
-__all__ = ["BUILTIN_WARMUP", "Choice", "Egress", "Source", "Pool", "DAY"]
+__all__ = ["BUILTIN_WARMUP", "Choice", "Egress", "Source", "Pool", "DAY", "read_state"]
 
 log = logging.getLogger("sender.egress")
 
@@ -163,6 +163,7 @@ class Egress:
                                  pc.overflow)
                       for name, pc in config.pool.items()}
         self.customer_pool = {c.id: c.pool for c in config.customer if c.pool}
+        self._caps: dict[tuple[str, str, int], tuple[int | None, int | None]] = {}
         self.adaptive = {name: block.adaptive_rate for name, block in config.shaping.provider.items()
                          if block.adaptive_rate is not None}
         for (source, provider), aimd in list(self._aimd.items()):
@@ -233,13 +234,24 @@ class Egress:
         if day != self.state.day:
             self.state.day = day
             self.state.sent = {}
+            self._caps.clear()
             self.state.outcomes = {k: v for k, v in self.state.outcomes.items()
                                    if int(k.partition(">")[0]) >= day - 1}
             self.dirty = True
         return day
 
     def cap(self, source: Source, provider: str, day: int) -> tuple[int | None, int | None]:
-        """(cap of the source today, cap of its mail to ``provider`` today); None = no cap."""
+        """(cap of the source today, cap of its mail to ``provider`` today); None = no cap.
+        Worked out once a day per pair (an adaptive stage is decided then too)."""
+        if source.plan is None:
+            return None, None
+        key = (source.address, provider, day)
+        caps = self._caps.get(key)
+        if caps is None:
+            caps = self._caps[key] = self._work_out_cap(source, provider, day)
+        return caps
+
+    def _work_out_cap(self, source: Source, provider: str, day: int) -> tuple[int | None, int | None]:
         plan = source.plan
         if plan is None:
             return None, None
@@ -430,6 +442,26 @@ class Egress:
                         "stages": {k.partition(">")[2]: v for k, v in self.state.stages.items()
                                    if k.partition(">")[0] == source.address}})
         return out
+
+
+def read_state(path: str | os.PathLike) -> dict | None:
+    """What ``egress.state`` holds, as plain data for the CLI (None if there is none)."""
+    try:
+        state = msgspec.msgpack.decode(Path(path).read_bytes(), type=_State)
+    except FileNotFoundError:
+        return None
+    except msgspec.DecodeError as e:
+        raise ValueError(f"{path}: unreadable egress state: {e}") from None
+    when = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    return {
+        "day": when(state.day * DAY)[:10] if state.day else None,
+        "sent_today": state.sent,
+        "warmup_stages": state.stages,
+        "adaptive_rates": state.rates,
+        "actions": [{"rule": a.rule, "action": _describe(a), "source": a.source,
+                     "toward": a.site or a.provider, "since": when(a.started), "until": when(a.until),
+                     "replies": a.replies} for a in state.actions],
+    }
 
 
 def _describe(action: Action) -> str:

@@ -11,9 +11,11 @@ import datetime
 import math
 from collections import Counter
 
+import orjson
 import pytest
 import trio
 
+from sender.cli import main
 from sender.config import ConfigError, parse_config
 from sender.routing import DAY
 from sender.simulator import SimulateConfig
@@ -145,7 +147,7 @@ async def test_mail_held_by_a_suspension_comes_back_spread_out(tmp_path, autojum
     assert max(Counter(int(t) for t in times[1:]).values()) < 10
 
 
-async def test_suspension_and_warmup_counts_survive_a_restart(tmp_path, autojump_clock):
+async def test_suspension_and_warmup_counts_survive_a_restart(tmp_path, autojump_clock, capsys):
     google = SourceSink(provider="google", rate_limit="1/h", limited_sources=["127.0.0.2"])
     sources = {**SOURCES, "ip3": {**SOURCES["ip3"], "warmup": "w", "warmup_start": today()}}
     cfg = config(tmp_path, pools={"shared": {"sources": ["ip2", "ip3"]}}, sources=sources,
@@ -162,6 +164,11 @@ async def test_suspension_and_warmup_counts_survive_a_restart(tmp_path, autojump
         sent_before = engine.dispatcher.egress.state.sent.get("127.0.0.3", 0)
         n.cancel_scope.cancel()
     assert (tmp_path / "spool" / "egress.state").exists()
+    assert main(["egress", "--spool", str(tmp_path / "spool")]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert [(a["rule"], a["action"], a["source"], a["toward"]) for a in shown["actions"]] == [
+        ("gmail-rate-limit-suspend", "suspend", "127.0.0.2", "google")]
+    assert "4.7.28" in shown["actions"][0]["replies"][0] and shown["sent_today"]["127.0.0.3"] == sent_before
     async with trio.open_nursery() as n:
         engine = await start(n, cfg, Sinks(**{GOOGLE_MX: google}))
         egress = engine.dispatcher.egress
