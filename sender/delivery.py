@@ -53,8 +53,9 @@ class Outcomes(Protocol):
     def deferred(self, d: Delivery, rcpts: list[str], reply: Reply, category: str) -> Delivery | None:
         """Journal a deferral; returns the delivery to retry, or None if it expired."""
     def body(self, d: Delivery) -> bytes: ...
-    def return_path(self, d: Delivery) -> str:
-        """The MAIL FROM address of ``d`` (a VERP address when bounces are read)."""
+    def return_path(self, d: Delivery, source: str = "") -> str:
+        """The MAIL FROM address of ``d`` sent from ``source`` (a VERP address when bounces
+        are read)."""
     async def settle(self) -> None:
         """Return once the outcomes reported so far are as durable as the policy asks."""
 
@@ -376,9 +377,9 @@ class SitePool:
                 try:
                     if session.proto.pipelining:
                         await session.pipeline(first, take_next, self.d.outcomes.body, self._report,
-                                               self.d.outcomes.return_path)
+                                               self._return_path)
                     else:
-                        self._report(first, await session.transaction(self.d.outcomes.return_path(first), first.rcpts,
+                        self._report(first, await session.transaction(self._return_path(first), first.rcpts,
                                                                        self.d.outcomes.body(first)))
                 except SessionError as e:
                     reply = _local_reply(_LOCAL_TEMP, "4.4.2", str(e))
@@ -400,6 +401,9 @@ class SitePool:
             if session is not None:
                 self.sessions_up -= 1
                 await session.quit()
+
+    def _return_path(self, d: Delivery) -> str:
+        return self.d.outcomes.return_path(d, self.source)
 
     def _fail(self, d: Delivery, reply: Reply, category: str = "") -> None:
         """The whole delivery failed before any reply about its recipients."""
@@ -582,6 +586,16 @@ class Dispatcher:
             self._apply_pair_rate(pool.source, pool.provider, now)
         for action in fired:
             self._take(action, now)
+
+    def reputation_later(self, source: str, rcpt: str, kind: str, category: str, now: float) -> None:
+        """A bounce after delivery or a complaint about mail ``source`` sent to ``rcpt``:
+        it counts against that source's reputation with the recipient's provider."""
+        entry = self._domain_site.get(rcpt.rpartition("@")[2].lower())
+        provider = entry[0].provider if entry is not None else ""
+        if provider:
+            self.egress.record_later(source, provider, "complaint" if kind == "complaint" else "bounced",
+                                     category, now)
+            self.want_reaper()
 
     def _take(self, action: Action, now: float) -> None:
         """Put a new automation action into effect."""

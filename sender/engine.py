@@ -11,6 +11,7 @@ A trio program embeds ``sender`` by running an Engine in its own nursery and sub
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
@@ -40,7 +41,8 @@ log = logging.getLogger("sender.engine")
 # Greylisting servers accept a retry after a few minutes (postgrey's default: 300 s).
 GREYLIST_RETRY = 300.0
 _ID_LEN = 17                    # message ids: 14 hex digits of microseconds, 3 of the pid
-_VERP_CUSTOMER_MAX = 19         # bytes: "bounces+" + 17 + 2 x 19 = 63, within the 64 of a local part
+_VERP_LOCAL_MAX = 64            # octets of a local part (RFC 5321 4.5.3.1.1)
+_VERP_SOURCE = "x"              # then 8 hex digits: the IPv4 source the message left from
 
 
 class SpoolFull(Exception):
@@ -277,16 +279,26 @@ class Engine:
 
     # ---------------------------------------------------------------- outcomes (called by delivery)
 
-    def return_path(self, d: Delivery) -> str:
+    def return_path(self, d: Delivery, source: str = "") -> str:
         """``bounces+ID@bounces.domain`` (VERP) when ``bounces.domain`` is set: a bounce then
-        names its message. ID is the message id, then the customer in hex when it is short
-        enough for the 64-byte local part (it finds the customer's suppression list once the
-        message is gone from the queue). The null sender stays null."""
+        names its message. ID is the message id; then "x" and the IPv4 source address in hex
+        when it left from one (a later bounce or complaint counts against that source's
+        reputation); then the customer in hex when it fits the 64-byte local part (it finds
+        the customer's suppression list once the message is gone from the queue). The null
+        sender stays null."""
         domain = self.config.bounces.domain
         if not domain or not d.sender:
             return d.sender
-        customer = d.customer.encode().hex() if len(d.customer.encode()) <= _VERP_CUSTOMER_MAX else ""
-        return verp_address(d.id + customer, domain)
+        tag = ""
+        if source:
+            try:
+                tag = _VERP_SOURCE + ipaddress.IPv4Address(source).packed.hex()
+            except ValueError:
+                pass                        # IPv6: no room; such reports count for no source
+        customer = d.customer.encode().hex()
+        if len("bounces+") + _ID_LEN + len(tag) + len(customer) > _VERP_LOCAL_MAX:
+            customer = ""
+        return verp_address(d.id + tag + customer, domain)
 
     def take_report(self, envelope_rcpts: list[str], raw: bytes) -> Report:
         """A bounce or complaint arrived at the bounce domain: record the outcome against the
@@ -298,9 +310,16 @@ class Engine:
         if vid is None or len(vid) < _ID_LEN:
             log.info("report without a message id of ours (%s): ignored", report.kind)
             return report
-        msg_id = vid[:_ID_LEN]
+        msg_id, rest = vid[:_ID_LEN], vid[_ID_LEN:]
+        source = ""
+        if rest.startswith(_VERP_SOURCE) and len(rest) >= 9:    # customer hex never holds an "x"
+            try:
+                source = str(ipaddress.IPv4Address(bytes.fromhex(rest[1:9])))
+            except ValueError:
+                pass
+            rest = rest[9:]
         try:
-            customer = bytes.fromhex(vid[_ID_LEN:]).decode()
+            customer = bytes.fromhex(rest).decode()
         except ValueError:
             customer = ""
         live = self._live.get(msg_id)
@@ -310,6 +329,8 @@ class Engine:
         for r in report.recipients:
             if not r.recipient:
                 continue
+            if source and report.kind in ("complaint", "bounce"):
+                self.dispatcher.reputation_later(source, r.recipient, report.kind, r.category, now)
             if report.kind == "complaint":
                 self.counts["complaints"] += 1
                 if self.suppression is not None:

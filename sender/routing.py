@@ -347,6 +347,11 @@ class Egress:
                         .isoformat(timespec="seconds"), " | ".join(action.replies))
         return fired
 
+    def record_later(self, source: str, provider: str, event: str, category: str, now: float) -> None:
+        """A bounce after delivery, or a complaint: into the reputation window only."""
+        self.reputation.record(source, provider, event, category, now)
+        self.dirty = True
+
     def _pair_aimd(self, source: str, provider: str, now: float) -> AIMD | None:
         conf = self.adaptive.get(provider)
         if conf is None:

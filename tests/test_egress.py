@@ -324,3 +324,34 @@ async def test_warmup_counts_survive_a_restart(tmp_path, autojump_clock):
         per_day = Counter(engine_day(engine, t) for t, _, _ in other.seen)
         n.cancel_scope.cancel()
     assert (per_day[day], per_day[day + 1]) == (10, 6)          # 6 + 4 on the first day
+
+
+# ---------------------------------------------------------------------- reports after delivery
+
+
+def complaint_for(verp: str, rcpt: str) -> bytes:
+    """An ARF complaint (RFC 5965) about a message, sent to its return path."""
+    return (f"From: fbl@isp.test\r\nTo: <{verp}>\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\r\n\r\n'
+            "--b\r\nContent-Type: text/plain\r\n\r\nThis is an abuse report.\r\n"
+            "--b\r\nContent-Type: message/feedback-report\r\n\r\n"
+            f"Feedback-Type: abuse\r\nUser-Agent: isp/1\r\nVersion: 1\r\nOriginal-Rcpt-To: {rcpt}\r\n"
+            "--b\r\nContent-Type: text/rfc822-headers\r\n\r\nSubject: s\r\n--b--\r\n").encode()
+
+
+async def test_a_complaint_after_delivery_counts_against_the_source_that_sent_it(tmp_path, autojump_clock):
+    google = SourceSink()
+    google.messages = []
+    cfg = config(tmp_path, pools={"shared": {"sources": ["ip3"]}}, bounces={"domain": "bounces.sender.test",
+                                                                         "notify": False})
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(**{GOOGLE_MX: google}))
+        await engine.submit("s@app.test", ["reader@gmail.test"], BODY, customer="acme")
+        await until(lambda: engine.counts["delivered"] == 1)
+        verp = google.messages[0]["from"]
+        assert verp.startswith("bounces+") and "x7f000003" in verp        # the source, in hex
+        engine.take_report([verp], complaint_for(verp, "reader@gmail.test"))
+        counts = engine.dispatcher.egress.reputation.counts("127.0.0.3", "google", engine.now())
+        n.cancel_scope.cancel()
+    assert counts.complaints == 1
+    assert engine.suppression.check("acme", "reader@gmail.test", engine.now()).reason == "complaint"
