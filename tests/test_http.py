@@ -47,8 +47,9 @@ class Env:
             while len(self.sink.received) < n:
                 await trio.sleep(0.01)
 
-    async def post(self, path: str, body: object, *, key: str | None = KEY, **kw) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async def post(self, path: str, body: object, *, key: str | None = KEY, headers: dict | None = None,
+                   **kw) -> httpx.Response:
+        headers = {**({"Authorization": f"Bearer {key}"} if key is not None else {}), **(headers or {})}
         return await trio.to_thread.run_sync(
             lambda: httpx.post(self.url + path, json=body, headers=headers, timeout=BOUND, **kw))
 
@@ -167,6 +168,21 @@ async def test_batch_with_one_bad_item_names_its_index_and_queues_nothing(tmp_pa
         assert r.status_code == 422
         assert r.json()["message"].startswith("[3].to[0]: "), r.json()
         assert env.engine.counts["accepted"] == 0
+
+
+async def test_permissive_batch_queues_the_valid_ones_and_names_the_others(tmp_path):
+    async with running(tmp_path) as env:
+        env.engine.suppression.add("acme", "gone@y.test", "invalid_recipient", env.engine.now())
+        batch = [email("a@y.test"), email(to="bad"), email("b@y.test"), email("gone@y.test"), {"from": "x"}]
+        answer = await sdk(resend.Batch.send, batch, {"batch_validation": "permissive"})
+        assert len(answer["data"]) == 2
+        assert [(e["index"], e["message"].split(":")[0]) for e in answer["errors"]] == [
+            (1, "to[0]"), (3, "to"), (4, "from")]
+        assert "gone@y.test (invalid_recipient" in answer["errors"][1]["message"]
+        await env.wait_received(2)
+        assert sorted(r[1][0] for r in env.sink.received) == ["a@y.test", "b@y.test"]
+        r = await env.post("/emails/batch", [email()], headers={"x-batch-validation": "lenient"})
+        assert r.status_code == 422 and r.json()["message"].startswith("x-batch-validation: "), r.json()
 
 
 async def test_full_spool_is_429_with_retry_after(tmp_path):

@@ -134,16 +134,29 @@ def create_app(engine: Engine) -> Starlette:
     async def send_batch(request: Request) -> Response:
         customer = keys.customer(request)
         mode = request.headers.get("x-batch-validation", "strict").lower()
-        if mode != "strict":
-            raise _validation(f"x-batch-validation: only \"strict\" is supported, got {mode!r}")
+        if mode not in ("strict", "permissive"):
+            raise _validation(f"x-batch-validation: expected \"strict\" or \"permissive\", got {mode!r}")
         payloads = await _read_json(request, body_limit * MAX_BATCH)
         if not isinstance(payloads, list):
             raise _validation("the body must be an array of emails")
         if not 1 <= len(payloads) <= MAX_BATCH:
             raise _validation(f"a batch holds 1 to {MAX_BATCH} emails, got {len(payloads)}")
-        # Strict: every email is checked before any is queued.
-        built = [build(p, f"[{i}].") for i, p in enumerate(payloads)]
-        return _json(200, {"data": [{"id": await submit(b, customer)} for b in built]})
+        if mode == "strict":
+            # Every email is checked before any is queued: all or nothing.
+            built = [build(p, f"[{i}].") for i, p in enumerate(payloads)]
+            return _json(200, {"data": [{"id": await submit(b, customer)} for b in built]})
+        # Permissive: the valid ones are queued, each refusal is reported by its index. A full
+        # spool refuses the rest the same way, or the whole request if nothing was queued.
+        data: list[dict] = []
+        errors: list[dict] = []
+        for i, payload in enumerate(payloads):
+            try:
+                data.append({"id": await submit(build(payload), customer)})
+            except ApiError as e:
+                if e.status == 429 and not data:
+                    raise
+                errors.append({"index": i, "message": e.message})
+        return _json(200, {"data": data, "errors": errors})
 
     async def on_http_error(request: Request, e: Exception) -> Response:
         assert isinstance(e, HTTPException)
