@@ -11,6 +11,7 @@ A trio program embeds ``sender`` by running an Engine in its own nursery and sub
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import logging
@@ -28,6 +29,7 @@ from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
 from .ndr import build_report, wants_report
+from .idempotency import IdempotencyStore
 from .suppression import SUPPRESSING_CATEGORIES, Entry, SuppressionList
 from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
@@ -251,6 +253,11 @@ class Engine:
                              offset=loc.offset, length=loc.length, received_at=now, customer=customer,
                              message_type=message_type))
         return msg_id
+
+    @functools.cached_property
+    def idempotency(self) -> IdempotencyStore:
+        """Answers kept by idempotency key (HTTP ``Idempotency-Key``), made on first use."""
+        return IdempotencyStore(Path(self.config.spool.path) / "idempotency.log")
 
     def suppressed(self, customer: str, rcpts: list[str], now: float | None = None) -> dict[str, Entry]:
         """The recipients that ``customer`` must not mail, with the entry that says why."""

@@ -211,3 +211,76 @@ def test_config_checks_customers():
         parse_config({"customer": [{"id": "a"}, {"id": "a"}]})
     with pytest.raises(ConfigError, match="listen.http"):
         parse_config({"listen": {"http": "nope:port"}})
+
+
+# ---------------------------------------------------------------------- idempotency keys
+
+
+async def test_the_same_idempotency_key_and_payload_send_once_even_after_a_restart(tmp_path):
+    async with running(tmp_path) as env:
+        first = await sdk(resend.Emails.send, email(), {"idempotency_key": "order-17"})
+        again = await sdk(resend.Emails.send, email(), {"idempotency_key": "order-17"})
+        other = await sdk(resend.Emails.send, email(), {"idempotency_key": "order-18"})
+        assert again["id"] == first["id"] != other["id"]
+        await env.wait_received(2)
+    async with running(tmp_path) as env:
+        after = await sdk(resend.Emails.send, email(), {"idempotency_key": "order-17"})
+        assert after["id"] == first["id"]
+        assert env.engine.counts["accepted"] == 0
+        # Another customer's key of the same name is its own.
+        r = await env.post("/emails", email(), key="re_other", headers={"Idempotency-Key": "order-17"})
+        assert r.status_code == 200 and r.json()["id"] != first["id"]
+
+
+async def test_a_reused_key_with_another_payload_is_409_and_a_bad_key_400(tmp_path):
+    async with running(tmp_path) as env:
+        await sdk(resend.Emails.send, email(), {"idempotency_key": "k1"})
+        with pytest.raises(resend.exceptions.ResendError) as e:
+            await sdk(resend.Emails.send, email(subject="changed"), {"idempotency_key": "k1"})
+        assert str(e.value.code) == "409" and e.value.error_type == "invalid_idempotent_request"
+        for bad in ("", "k" * 257):
+            r = await env.post("/emails", email(), headers={"Idempotency-Key": bad})
+            assert r.status_code == 400 and r.json()["name"] == "invalid_idempotency_key", r.json()
+        assert (await env.post("/emails", email(), headers={"Idempotency-Key": "k" * 256})).status_code == 200
+        assert env.engine.counts["accepted"] == 2
+
+
+async def test_a_refused_request_leaves_its_key_free_and_a_batch_is_kept_whole(tmp_path):
+    async with running(tmp_path) as env:
+        r = await env.post("/emails", email(to="bad"), headers={"Idempotency-Key": "k2"})
+        assert r.status_code == 422
+        ok = await sdk(resend.Emails.send, email(), {"idempotency_key": "k2"})
+        batch = [email("a@y.test"), email(to="bad"), email("b@y.test")]
+        options = {"idempotency_key": "k3", "batch_validation": "permissive"}
+        first = await sdk(resend.Batch.send, batch, options)
+        again = await sdk(resend.Batch.send, batch, options)
+        assert again == first and len(first["data"]) == 2 and first["errors"][0]["index"] == 1
+        with pytest.raises(resend.exceptions.ResendError) as e:       # strict is another request
+            await sdk(resend.Batch.send, batch, {"idempotency_key": "k3"})
+        assert e.value.error_type == "invalid_idempotent_request"
+        assert env.engine.counts["accepted"] == 3 and ok["id"]
+
+
+async def test_a_retry_while_the_first_is_answered_is_409_concurrent(tmp_path):
+    async with running(tmp_path) as env:
+        release = trio.Event()
+        real_submit = env.engine.submit
+
+        async def slow_submit(*args, **kw):
+            await release.wait()
+            return await real_submit(*args, **kw)
+
+        env.engine.submit = slow_submit
+        async with trio.open_nursery() as n:
+            first: list = []
+            n.start_soon(lambda: _post_into(env, first, "k4"))
+            while not env.engine.idempotency._in_flight:
+                await trio.sleep(0.01)
+            r = await env.post("/emails", email(), headers={"Idempotency-Key": "k4"})
+            assert r.status_code == 409 and r.json()["name"] == "concurrent_idempotent_requests"
+            release.set()
+        assert first[0].status_code == 200
+
+
+async def _post_into(env, out: list, key: str) -> None:
+    out.append(await env.post("/emails", email(), headers={"Idempotency-Key": key}))

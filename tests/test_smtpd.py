@@ -383,3 +383,24 @@ async def test_a_bounce_at_the_bounce_domain_updates_its_message_and_the_custome
     assert [(r.id, r.rcpts, r.category, r.reply.enhanced) for r in later] == [
         (msg_id, ["user@y.test"], "invalid_recipient", "5.1.1")]
     assert env.engine.counts["bounced_later"] == 1
+
+
+async def test_resend_idempotency_key_queues_a_message_once(tmp_path):
+    def wire(key: str, subject: str = "s") -> bytes:
+        return f"Resend-Idempotency-Key: {key}\r\nX-Sender-Customer: acme\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
+
+    async with running(tmp_path) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            first = await send_message(c, "app@x.test", ["u@y.test"], wire("order-9"))
+            msg_id = QUEUED.match(first).group(1)
+            again = await send_message(c, "app@x.test", ["u@y.test"], wire("order-9"))
+            assert again == f"250 2.0.0 Ok: queued as {msg_id} (before, with this Resend-Idempotency-Key)"
+            changed = await send_message(c, "app@x.test", ["u@y.test"], wire("order-9", "other"))
+            assert changed.startswith("554 5.7.0 Resend-Idempotency-Key: ") and has_enhanced_code(changed)
+            bad = await send_message(c, "app@x.test", ["u@y.test"], wire("k" * 257))
+            assert bad.startswith("501 5.5.4 Resend-Idempotency-Key: ")
+            await env.wait_received(1)
+    assert env.engine.counts["accepted"] == 1
+    # The header is read by the listener and never delivered.
+    assert b"Resend-Idempotency-Key" not in env.sink.received[0][2]

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from ..config import Config, parse_hostport
 from ..engine import Engine, SpoolFull, Suppressed
 from ..errors import UsageError
+from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 
 __all__ = ["ApiError", "create_app", "serve_http"]
@@ -126,10 +127,44 @@ def create_app(engine: Engine) -> Starlette:
         except UsageError as e:
             raise _validation(str(e)) from None
 
+    async def idempotent(request: Request, customer: str, payload: object,
+                         answer: Callable[[], Awaitable[Response]]) -> Response:
+        """Answer once per Idempotency-Key: a repeat gets the stored answer (see
+        :mod:`sender.idempotency`)."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return await answer()
+        store = engine.idempotency
+        request_digest = digest(request.url.path.encode(), request.headers.get("x-batch-validation", "").encode(),
+                                orjson.dumps(payload, option=orjson.OPT_SORT_KEYS))
+        try:
+            stored = store.begin(customer, key, request_digest, engine.now())
+        except KeyInvalid as e:
+            raise ApiError(400, "invalid_idempotency_key", str(e)) from None
+        except KeyReused as e:
+            raise ApiError(409, "invalid_idempotent_request", str(e)) from None
+        except KeyInFlight as e:
+            raise ApiError(409, "concurrent_idempotent_requests", str(e)) from None
+        if stored is not None:
+            status, body = stored
+            return Response(body, status_code=status, media_type="application/json")
+        try:
+            response = await answer()
+        except BaseException:
+            store.abandon(customer, key)
+            raise
+        await store.finish(customer, key, request_digest, response.status_code, bytes(response.body).decode(),
+                           engine.now())
+        return response
+
     async def send_email(request: Request) -> Response:
         customer = keys.customer(request)
-        built = build(await _read_json(request, body_limit))
-        return _json(200, {"id": await submit(built, customer)})
+        payload = await _read_json(request, body_limit)
+
+        async def answer() -> Response:
+            return _json(200, {"id": await submit(build(payload), customer)})
+
+        return await idempotent(request, customer, payload, answer)
 
     async def send_batch(request: Request) -> Response:
         customer = keys.customer(request)
@@ -137,6 +172,9 @@ def create_app(engine: Engine) -> Starlette:
         if mode not in ("strict", "permissive"):
             raise _validation(f"x-batch-validation: expected \"strict\" or \"permissive\", got {mode!r}")
         payloads = await _read_json(request, body_limit * MAX_BATCH)
+        return await idempotent(request, customer, payloads, lambda: batch(customer, mode, payloads))
+
+    async def batch(customer: str, mode: str, payloads: object) -> Response:
         if not isinstance(payloads, list):
             raise _validation("the body must be an array of emails")
         if not 1 <= len(payloads) <= MAX_BATCH:

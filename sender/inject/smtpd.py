@@ -16,6 +16,7 @@ import trio
 from ..config import parse_hostport
 from ..engine import Engine, SpoolFull, Suppressed
 from ..errors import UsageError
+from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..smtp.sockets import FastListener, open_listener
 from ..smtp.serve import Answer, IdleWatchdog, serve_session
 from ..smtp.server import MailFrom, MessageReceived, RcptTo, ServerProtocol
@@ -65,19 +66,22 @@ class Listener:
             self.sessions -= 1
 
 
-_CONTROL = re.compile(rb"^x-sender-(customer|message-type):[ \t]*([^\r\n]*?)[ \t]*\r\n", re.I | re.M)
+_CONTROL = re.compile(rb"^(x-sender-customer|x-sender-message-type|resend-idempotency-key):[ \t]*([^\r\n]*?)[ \t]*\r\n",
+                      re.I | re.M)
 
 
 def take_control_headers(body: bytes) -> tuple[bytes, dict[str, str]]:
-    """Read and remove the ``X-Sender-Customer`` and ``X-Sender-Message-Type`` headers: how an
-    application says whose mail it is and what kind, over SMTP. They never reach the
-    recipient (like PowerMTA's x-virtual-mta)."""
+    """Read and remove the ``X-Sender-Customer``, ``X-Sender-Message-Type`` and
+    ``Resend-Idempotency-Key`` headers: how an application says over SMTP whose mail it is,
+    what kind, and that a retry must not send it twice. They never reach the recipient (like
+    PowerMTA's x-virtual-mta)."""
     end = body.find(b"\r\n\r\n")
     end = end + 2 if end >= 0 else len(body)
     if _CONTROL.search(body, 0, end) is None:     # the common case: no copy of anything
         return body, {}
     head = body[:end]
-    meta = {m.group(1).decode().lower(): m.group(2).decode("utf-8", "replace") for m in _CONTROL.finditer(head)}
+    meta = {m.group(1).decode().lower().removeprefix("x-sender-"): m.group(2).decode("utf-8", "replace")
+            for m in _CONTROL.finditer(head)}
     return _CONTROL.sub(b"", head) + body[end:], meta
 
 
@@ -118,16 +122,38 @@ class _Session:
             return 250, "2.0.0", f"Ok: {report.kind} read, {len(report.recipients)} recipients"
         body, meta = take_control_headers(ev.body)
         customer = meta.get("customer", "")
+        key = meta.get("resend-idempotency-key")
+        if key is not None:
+            store = self.engine.idempotency
+            request_digest = digest(b"smtp", ev.sender.encode(), "\n".join(rcpts).encode(), body)
+            try:
+                stored = store.begin(customer, key, request_digest, self.engine.now())
+            except KeyInvalid as e:
+                return 501, "5.5.4", f"Resend-Idempotency-Key: {e}"
+            except KeyReused as e:
+                return 554, "5.7.0", f"Resend-Idempotency-Key: {e}"
+            except KeyInFlight as e:
+                return 451, "4.3.0", f"Resend-Idempotency-Key: {e}; try again"
+            if stored is not None:
+                return 250, "2.0.0", f"Ok: queued as {stored[1]} (before, with this Resend-Idempotency-Key)"
         skipped = self.engine.suppressed(customer, rcpts)
         try:
             await self.engine.submit(ev.sender, rcpts, self._received(msg_id, rcpts) + body, msg_id=msg_id,
                                      customer=customer, message_type=meta.get("message-type", ""))
-        except SpoolFull:
-            return _SPOOL_FULL
-        except Suppressed as e:
-            return 550, "5.7.1", str(e)
-        except UsageError as e:
+        except (SpoolFull, Suppressed, UsageError) as e:
+            if key is not None:
+                store.abandon(customer, key)
+            if isinstance(e, SpoolFull):
+                return _SPOOL_FULL
+            if isinstance(e, Suppressed):
+                return 550, "5.7.1", str(e)
             return 554, "5.5.4", str(e)
+        except BaseException:
+            if key is not None:
+                store.abandon(customer, key)
+            raise
+        if key is not None:
+            await store.finish(customer, key, request_digest, 250, msg_id, self.engine.now())
         if skipped:
             return 250, "2.0.0", f"Ok: queued as {msg_id}; suppressed, not queued: {', '.join(skipped)}"
         return 250, "2.0.0", f"Ok: queued as {msg_id}"
