@@ -212,13 +212,15 @@ class Engine:
         return self.journal.total_bytes >= self.config.spool.max_bytes
 
     async def submit(self, sender: str, rcpts: list[str], body: bytes, *, customer: str = "",
-                     message_type: str = "", msg_id: str | None = None) -> str:
+                     message_type: str = "", msg_id: str | None = None, not_before: float = 0.0) -> str:
         """Make a message durable and queue it; returns its id once it is safe on disk.
 
         Args:
           customer: whose mail it is (customer limits, later pools and quotas).
           message_type: e.g. "transactional" or "marketing": its priority (``shaping.priority``).
           msg_id: an id from :meth:`new_id` when the caller needed it earlier (trace headers).
+          not_before: wall-clock time before which it is not sent (a scheduled email); its
+            ``max_age`` counts from then.
 
         Recipients on the customer's suppression list are left out (see :meth:`suppressed`).
 
@@ -245,13 +247,16 @@ class Engine:
             rcpts = [r for r in rcpts if r not in suppressed]
         msg_id = msg_id or self._new_id()
         sender = sys.intern(sender)
-        rec = Accepted(id=msg_id, sender=sender, rcpts=list(rcpts), received_at=now, body=body,
-                       customer=customer, message_type=message_type)
+        # A scheduled message's life (max_age) starts at its time.
+        start = not_before if not_before > now else now
+        rec = Accepted(id=msg_id, sender=sender, rcpts=list(rcpts), received_at=start, body=body,
+                       customer=customer, next_at=not_before if not_before > now else 0.0,
+                       message_type=message_type)
         loc = await self.journal.commit(rec)
         self.counts["accepted"] += 1
         self._track(Delivery(id=msg_id, sender=sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
-                             offset=loc.offset, length=loc.length, received_at=now, customer=customer,
-                             message_type=message_type))
+                             offset=loc.offset, length=loc.length, received_at=start, next_at=rec.next_at,
+                             customer=customer, message_type=message_type))
         return msg_id
 
     @functools.cached_property

@@ -287,3 +287,24 @@ async def test_a_quiet_path_rests_without_a_task_and_wakes_for_new_mail(tmp_path
         assert pool._running
         n.cancel_scope.cancel()
     assert sink.stats.messages == 2
+
+
+async def test_a_scheduled_message_goes_at_its_time_even_after_a_restart(tmp_path, autojump_clock):
+    sink = Sink()
+    sink.messages = []
+    sinks = Sinks(mx=sink)
+    config = make_config(tmp_path, [("*", "mx:25")])
+    epoch = 1_800_000_000.0         # both engines read the same (virtual) wall clock
+    async with trio.open_nursery() as n:
+        await n.start(sink.run_in_memory)
+        engine = await n.start(Engine(config, open_stream=sinks.open_stream, epoch=epoch).run)
+        await engine.submit("s@x.test", ["later@y.test"], BODY, not_before=epoch + 3600)
+        await trio.sleep(1800)
+        assert sink.messages == []
+        n.cancel_scope.cancel()
+    async with trio.open_nursery() as n:
+        await n.start(sink.run_in_memory)
+        engine = await n.start(Engine(config, open_stream=sinks.open_stream, epoch=epoch).run)
+        await until(lambda: engine.counts["delivered"] == 1, step=1)
+        assert 3600 <= trio.current_time() <= 3602
+        n.cancel_scope.cancel()

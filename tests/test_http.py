@@ -284,3 +284,22 @@ async def test_a_retry_while_the_first_is_answered_is_409_concurrent(tmp_path):
 
 async def _post_into(env, out: list, key: str) -> None:
     out.append(await env.post("/emails", email(), headers={"Idempotency-Key": key}))
+
+
+async def test_a_scheduled_email_waits_and_bad_times_are_422(tmp_path):
+    async with running(tmp_path) as env:
+        answer = await sdk(resend.Emails.send, email() | {"scheduled_at": "in 1 hour"})
+        iso = await env.post("/emails", email() | {"scheduled_at": "2099-01-01T09:00:00Z"})
+        assert iso.status_code == 422 and iso.json()["message"] == "scheduled_at: at most 30 days ahead"
+        for bad in ("tomorrow-ish", 17, "in 3 fortnights"):
+            r = await env.post("/emails", email() | {"scheduled_at": bad})
+            assert r.status_code == 422 and r.json()["message"].startswith("scheduled_at: "), r.json()
+        r = await env.post("/emails/batch", [email(), email() | {"scheduled_at": "soon"}])
+        assert r.status_code == 422 and r.json()["message"].startswith("[1].scheduled_at: ")
+        past = await env.post("/emails", email("now@y.test") | {"scheduled_at": "2020-01-01T00:00:00+00:00"})
+        assert past.status_code == 200
+        await env.wait_received(1)                       # the one in the past went at once
+        await trio.sleep(0.3)
+        assert [r[1] for r in env.sink.received] == [["now@y.test"]]
+        waiting = env.engine._live[answer["id"]]
+        assert 3590 < waiting.next_at - env.engine.now() <= 3600

@@ -11,8 +11,10 @@ Served by hypercorn's trio worker until cancelled.
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -102,6 +104,36 @@ def _validation(message: str) -> ApiError:
     return ApiError(422, "validation_error", message)
 
 
+MAX_SCHEDULE = 30 * 86400.0
+_IN = re.compile(r"in\s+(\d+)\s*(second|sec|minute|min|hour|hr|day)s?", re.I)
+_UNIT = {"second": 1, "sec": 1, "minute": 60, "min": 60, "hour": 3600, "hr": 3600, "day": 86400}
+
+
+def scheduled_at(payload: object, now: float) -> float:
+    """``scheduled_at`` of an email as wall-clock seconds (0.0: send now): ISO 8601 (without a
+    zone: UTC) or "in N minutes|hours|days"; at most 30 days ahead."""
+    value = payload.get("scheduled_at") if isinstance(payload, dict) else None
+    if value is None:
+        return 0.0
+    if not isinstance(value, str):
+        raise _validation("scheduled_at: expected a string (ISO 8601 or \"in 1 hour\")")
+    m = _IN.fullmatch(value.strip())
+    if m:
+        when = now + int(m.group(1)) * _UNIT[m.group(2).lower()]
+    else:
+        try:
+            dt = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise _validation(f"scheduled_at: expected ISO 8601 like \"2026-11-24T09:00:00Z\" or "
+                              f"\"in 1 hour\", got {value!r}") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=datetime.timezone.utc)
+        when = dt.timestamp()
+    if when - now > MAX_SCHEDULE:
+        raise _validation("scheduled_at: at most 30 days ahead")
+    return when if when > now else 0.0
+
+
 def create_app(engine: Engine) -> Starlette:
     """The ASGI app over ``engine``; its customers and keys come from ``engine.config``."""
     config = engine.config
@@ -116,9 +148,10 @@ def create_app(engine: Engine) -> Starlette:
         except MimeError as e:
             raise _validation(f"{where}{e}") from None
 
-    async def submit(built: Built, customer: str) -> str:
+    async def submit(built: Built, customer: str, not_before: float = 0.0) -> str:
         try:
-            return await engine.submit(built.sender, built.rcpts, built.message, customer=customer)
+            return await engine.submit(built.sender, built.rcpts, built.message, customer=customer,
+                                       not_before=not_before)
         except SpoolFull:
             raise ApiError(429, "rate_limit_exceeded", "The queue is full; try again later.",
                            headers={"Retry-After": "1"}) from None
@@ -162,7 +195,9 @@ def create_app(engine: Engine) -> Starlette:
         payload = await _read_json(request, body_limit)
 
         async def answer() -> Response:
-            return _json(200, {"id": await submit(build(payload), customer)})
+            built = build(payload)
+            when = scheduled_at(payload, engine.now())
+            return _json(200, {"id": await submit(built, customer, when)})
 
         return await idempotent(request, customer, payload, answer)
 
@@ -179,17 +214,18 @@ def create_app(engine: Engine) -> Starlette:
             raise _validation("the body must be an array of emails")
         if not 1 <= len(payloads) <= MAX_BATCH:
             raise _validation(f"a batch holds 1 to {MAX_BATCH} emails, got {len(payloads)}")
+        now = engine.now()
         if mode == "strict":
             # Every email is checked before any is queued: all or nothing.
-            built = [build(p, f"[{i}].") for i, p in enumerate(payloads)]
-            return _json(200, {"data": [{"id": await submit(b, customer)} for b in built]})
+            built = [(build(p, f"[{i}]."), _at(i, p, now)) for i, p in enumerate(payloads)]
+            return _json(200, {"data": [{"id": await submit(b, customer, when)} for b, when in built]})
         # Permissive: the valid ones are queued, each refusal is reported by its index. A full
         # spool refuses the rest the same way, or the whole request if nothing was queued.
         data: list[dict] = []
         errors: list[dict] = []
         for i, payload in enumerate(payloads):
             try:
-                data.append({"id": await submit(build(payload), customer)})
+                data.append({"id": await submit(build(payload), customer, scheduled_at(payload, now))})
             except ApiError as e:
                 if e.status == 429 and not data:
                     raise
@@ -206,6 +242,13 @@ def create_app(engine: Engine) -> Starlette:
                 Route("/emails/batch", _answering(send_batch), methods=["POST"])],
         exception_handlers={HTTPException: on_http_error},
     )
+
+
+def _at(i: int, payload: object, now: float) -> float:
+    try:
+        return scheduled_at(payload, now)
+    except ApiError as e:
+        raise _validation(f"[{i}].{e.message}") from None
 
 
 def _answering(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
