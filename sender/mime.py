@@ -326,6 +326,130 @@ def _custom_headers(value: object) -> list[tuple[str, str]]:
     return out
 
 
+# ---------------------------------------------------------------------------- the direct writer
+#
+# The common message (ASCII addresses, no attachments) is written straight to bytes: the
+# stdlib email package spent most of the HTTP API's CPU parsing back the headers it had just
+# been given. Attachments and SMTPUTF8 messages still go through it. tests/test_mime.py checks
+# that both writers' messages read back the same.
+
+_PHRASE = re.compile(r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~ ]*")
+_WORD_BYTES = 45            # UTF-8 bytes per encoded word: base64 60 + 12 around = 72 <= 75
+_SHORT_NAME = 42            # bytes of a non-ASCII display name written as one encoded word
+
+
+def _first_word_bytes(name: str) -> int:
+    """UTF-8 bytes for an encoded word that fits on the line after ``Name: ``: readers keep
+    white space that folds right after the colon, so the value must start on that line."""
+    return min(_WORD_BYTES, max(3, (78 - len(name) - 2 - 12) // 4 * 3))
+
+
+def _encoded_words(text: str, first: int = _WORD_BYTES) -> list[str]:
+    """RFC 2047 B encoded words of ``text`` (UTF-8), none splitting a character; the first
+    holds at most ``first`` bytes."""
+    words, chunk, size, limit = [], [], 0, first
+    for ch in text:
+        n = len(ch.encode("utf-8"))
+        if size + n > limit and chunk:
+            words.append("".join(chunk))
+            chunk, size, limit = [], 0, _WORD_BYTES
+        chunk.append(ch)
+        size += n
+    if chunk:
+        words.append("".join(chunk))
+    return [f"=?utf-8?b?{base64.b64encode(w.encode('utf-8')).decode()}?=" for w in words]
+
+
+def _fold(name: str, tokens: list[str], sep: str) -> bytes:
+    """``Name: token<sep>token...`` folded before a token that would pass 78 octets."""
+    out = f"{name}:"
+    line = len(out)
+    for i, token in enumerate(tokens):
+        piece = (sep if i else "") + token
+        if i and line + len(piece) + 1 > 78:
+            out += sep.rstrip() + "\r\n "
+            piece = token
+            line = 1
+        else:
+            piece = " " + piece if i == 0 else piece
+        out += piece
+        line += len(piece)
+    return (out + "\r\n").encode("ascii")
+
+
+def _unstructured(name: str, value: str) -> bytes:
+    words = value.split(" ")
+    if value.isascii() and not re.search(r"=\?|[^ -~]", value) and max(map(len, words)) <= 70:
+        return _fold(name, words, " ") if value else f"{name}: \r\n".encode()
+    return _fold(name, _encoded_words(value, _first_word_bytes(name)), " ")
+
+
+def _mailbox(display: str, local: str, address: str, first: int = _WORD_BYTES) -> list[str]:
+    addr = f"<{local}@{address.rpartition('@')[2]}>"
+    if not display:
+        return [addr[1:-1]]
+    if display.isascii() and _PHRASE.fullmatch(display) and "=?" not in display:
+        words = display.split()
+    elif display.isascii() and "=?" not in display:
+        words = ['"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"']
+    else:
+        words = _encoded_words(display, first)
+    return words + [addr]
+
+
+def _address_header(name: str, mailboxes: list[tuple[str, str, str]]) -> bytes:
+    """An address list; it may fold between the words of an address and between addresses."""
+    tokens: list[str] = []
+    for i, (display, address, local) in enumerate(mailboxes):
+        words = _mailbox(display, local, address, _first_word_bytes(name) if i == 0 else _WORD_BYTES)
+        if i < len(mailboxes) - 1:
+            words[-1] += ","
+        tokens += words
+    return _fold(name, tokens, " ")
+
+
+def _text_part(content: str, subtype: str) -> bytes:
+    body = content.replace("\r\n", "\n").replace("\r", "\n")
+    raw = body.encode("utf-8")
+    if raw.isascii() and all(len(line) <= 78 for line in raw.split(b"\n")) and not re.search(
+            rb"[ \t]\n|^\.|^From ", raw, re.M):
+        cte, data = "7bit", raw.replace(b"\n", b"\r\n")
+    else:
+        cte = "quoted-printable"
+        data = binascii.b2a_qp(raw, istext=True).replace(b"\n", b"\r\n")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return (f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
+            .encode() + data)
+
+
+def _plain(value: str) -> bool:
+    """No white space at either end or twice in a row: the direct writer's values (readers
+    treat such white space as folding, and the email package has its own ways with it)."""
+    return value == value.strip() and not re.search(r"\s\s", value)
+
+
+def _write_message(from_, to, cc, reply_to, subject: str, headers: list[tuple[str, str]],
+                   text: str | None, html: str | None, date: str, message_id: str) -> bytes:
+    out = [_address_header("From", [from_]), _address_header("To", to)]
+    if cc:
+        out.append(_address_header("Cc", cc))
+    if reply_to:
+        out.append(_address_header("Reply-To", reply_to))
+    out += [_unstructured("Subject", subject), f"Date: {date}\r\nMessage-ID: <{message_id}>\r\n".encode()]
+    out += [_unstructured(name, value) for name, value in headers]
+    out.append(b"MIME-Version: 1.0\r\n")
+    if text is not None and html is not None:
+        boundary = f"=_{secrets.token_hex(12)}"
+        out.append(f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n'.encode())
+        for part in (_text_part(text, "plain"), _text_part(html, "html")):
+            out += [f"--{boundary}\r\n".encode(), part]
+        out.append(f"--{boundary}--\r\n".encode())
+    else:
+        out.append(_text_part(text, "plain") if text is not None else _text_part(html, "html"))
+    return b"".join(out)
+
+
 def build_message(payload: dict, *, message_id_domain: str, now: float | None = None,
                   max_bytes: int = 40 * 1024 * 1024) -> Built:
     """Check a Resend ``POST /emails`` body and build the message it describes.
@@ -379,11 +503,41 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
 
     everyone = [from_, *to, *cc, *bcc, *reply_to]
     smtputf8 = any(not local.isascii() for _, _, local in everyone)
-    # 7bit bodies (quoted-printable or base64): no reliance on 8BITMIME at the next hop.
-    policy = (email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP).clone(cte_type="7bit")
 
     when = time.time() if now is None else now
     message_id = f"{int(when * 1000):x}.{secrets.token_hex(10)}@{message_id_domain}"
+    date = format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    names = [d for d, _, _ in (from_, *to, *cc, *reply_to)]
+    plain = [subject, *(value for _, value in headers), *names]
+    # A non-ASCII display name must fit one encoded word: readers disagree on the white space
+    # between the words of a phrase.
+    short = all(d.isascii() or len(d.encode("utf-8")) <= _SHORT_NAME for d in names)
+    if not attachments and not smtputf8 and not _stdlib_only and short and all(map(_plain, plain)):
+        raw = _write_message(from_, to, cc, reply_to, subject, headers, text, html, date, message_id)
+    else:
+        raw = _stdlib_message(from_, to, cc, reply_to, subject, headers, text, html, attachments, date,
+                              message_id, smtputf8)
+    if len(raw) > max_bytes:
+        raise MimeError("message", f"message is {len(raw)} bytes, over the limit of {max_bytes}")
+
+    rcpts: list[str] = []
+    seen: set[str] = set()
+    for _, address, _ in (*to, *cc, *bcc):
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            rcpts.append(address)
+    return Built(sender=from_[1], rcpts=rcpts, message=raw, message_id=message_id,
+                 smtputf8=smtputf8)
+
+
+_stdlib_only = False        # tests set it to compare the two writers
+
+
+def _stdlib_message(from_, to, cc, reply_to, subject, headers, text, html, attachments, date, message_id,
+                    smtputf8) -> bytes:
+    """The message through the stdlib email package (attachments, SMTPUTF8)."""
+    # 7bit bodies (quoted-printable or base64): no reliance on 8BITMIME at the next hop.
+    policy = (email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP).clone(cte_type="7bit")
 
     msg = EmailMessage(policy=policy)
     msg["From"] = _header_address(*from_)
@@ -393,7 +547,7 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
     if reply_to:
         msg["Reply-To"] = [_header_address(*a) for a in reply_to]
     msg["Subject"] = subject
-    msg["Date"] = format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    msg["Date"] = date
     msg["Message-ID"] = f"<{message_id}>"
     for name, value in headers:
         msg[name] = value
@@ -409,15 +563,4 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
     for part in msg.walk():
         if part is not msg:
             del part["MIME-Version"]              # the email package repeats it on each part
-    raw = msg.as_bytes()
-    if len(raw) > max_bytes:
-        raise MimeError("message", f"message is {len(raw)} bytes, over the limit of {max_bytes}")
-
-    rcpts: list[str] = []
-    seen: set[str] = set()
-    for _, address, _ in (*to, *cc, *bcc):
-        if address.lower() not in seen:
-            seen.add(address.lower())
-            rcpts.append(address)
-    return Built(sender=from_[1], rcpts=rcpts, message=raw, message_id=message_id,
-                 smtputf8=smtputf8)
+    return msg.as_bytes()

@@ -7,8 +7,11 @@ import email
 import email.policy
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
+from email import message_from_bytes
+
+from sender import mime
 from sender.errors import UsageError
 from sender.mime import Built, MimeError, build_message, parse_address
 
@@ -302,3 +305,59 @@ def test_near_valid_payloads_give_built_or_mime_error(payload):
     except MimeError:
         return
     assert_wire_clean(built.message)
+
+
+# ---------------------------------------------------------------------- the two writers agree
+
+
+def _read(raw: bytes) -> dict:
+    msg = message_from_bytes(raw, policy=email.policy.default)
+    out = {}
+    for name in ("From", "To", "Cc", "Reply-To"):
+        if msg[name] is not None:
+            out[name] = [(a.display_name, a.addr_spec) for a in msg[name].addresses]
+    out["Subject"] = str(msg["Subject"])
+    out["custom"] = [(k, str(v)) for k, v in msg.items() if k.lower().startswith("x-")]
+    out["parts"] = [(p.get_content_type(), p.get_content().replace("\r\n", "\n").rstrip("\n"))
+                    for p in msg.walk() if not p.is_multipart()]
+    return out
+
+
+_words = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=40)
+
+
+_body = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), whitelist_characters="\n"),
+                max_size=300)
+
+
+@settings(max_examples=300, deadline=None)
+@given(display=_words, subject=st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")),
+                                       max_size=200),
+       text=st.one_of(st.none(), _body), html=st.one_of(st.none(), _body), header=_words, many=st.integers(1, 5))
+def test_the_direct_writer_says_what_it_was_given(display, subject, text, html, header, many):
+    """What a reader (the email package) gets back from the direct writer is the payload."""
+    assume(all(mime._plain(v) for v in (display, subject, header)))
+    assume(display.isascii() or len(display.encode()) <= mime._SHORT_NAME)   # else: the email package
+    if text is None and html is None:
+        text = ""
+    payload = {"from": f"{_q(display)} <app@x.test>", "to": [f"{_q(display)} <u{i}@y.test>" for i in range(many)],
+               "cc": ["c@y.test"], "subject": subject, "headers": {"X-Note": header}}
+    for name, value in (("text", text), ("html", html)):
+        if value is not None:
+            payload[name] = value
+    try:
+        built = mime.build_message(payload, message_id_domain="s.test", now=0)
+    except mime.MimeError:
+        return
+    got = _read(built.message)
+    bodies = [("text/plain", text), ("text/html", html)]
+    assert got == {"From": [(display, "app@x.test")], "To": [(display, f"u{i}@y.test") for i in range(many)],
+                   "Cc": [("", "c@y.test")], "Subject": subject, "custom": [("X-Note", header)],
+                   "parts": [(t, v.rstrip("\n")) for t, v in bodies if v is not None]}
+    assert b"\n" not in built.message.replace(b"\r\n", b"")
+    head = built.message[:built.message.find(b"\r\n\r\n")]
+    assert all(len(line) <= 78 for line in head.split(b"\r\n")), head
+
+
+def _q(display: str) -> str:
+    return '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
