@@ -102,6 +102,17 @@ def split_by_domain(rcpts: list[str]) -> dict[str, list[str]]:
     return out
 
 
+class Submission(msgspec.Struct, frozen=True):
+    """One message of :meth:`Engine.submit_many`."""
+
+    sender: str
+    rcpts: list[str]
+    body: bytes
+    customer: str = ""
+    message_type: str = ""
+    not_before: float = 0.0
+
+
 class Engine:
     """Durable queue + delivery. Create, then ``await nursery.start(engine.run)``.
 
@@ -229,6 +240,35 @@ class Engine:
           Suppressed: every recipient is suppressed; nothing was queued.
           SpoolFull: the spool is over its size limit.
         """
+        rec = self._accepted(sender, rcpts, body, customer, message_type, msg_id, not_before)
+        loc = await self.journal.commit(rec)
+        self._queue_accepted(rec, loc)
+        return rec.id
+
+    async def submit_many(self, messages: list[Submission]) -> list[str | Exception]:
+        """Make several messages durable in one group commit, and queue them: for each, its
+        id, or the exception :meth:`submit` would have raised (nothing queued for that one)."""
+        records: list[Accepted | Exception] = []
+        for m in messages:
+            try:
+                records.append(self._accepted(m.sender, m.rcpts, m.body, m.customer, m.message_type, None,
+                                              m.not_before))
+            except (UsageError, Suppressed, SpoolFull) as e:
+                records.append(e)
+        locations = [self.journal.append(r) if isinstance(r, Accepted) else None for r in records]
+        await self.journal.wait_durable()
+        out: list[str | Exception] = []
+        for rec, loc in zip(records, locations):
+            if isinstance(rec, Accepted):
+                self._queue_accepted(rec, loc)
+                out.append(rec.id)
+            else:
+                out.append(rec)
+        return out
+
+    def _accepted(self, sender: str, rcpts: list[str], body: bytes, customer: str, message_type: str,
+                  msg_id: str | None, not_before: float) -> Accepted:
+        """Check a message and make its Accepted record (suppressed recipients left out)."""
         if not rcpts:
             raise UsageError("rcpts: at least one recipient is required")
         for r in rcpts:
@@ -245,19 +285,17 @@ class Engine:
                 raise Suppressed(suppressed)
             self.counts["suppressed"] += len(suppressed)
             rcpts = [r for r in rcpts if r not in suppressed]
-        msg_id = msg_id or self._new_id()
-        sender = sys.intern(sender)
         # A scheduled message's life (max_age) starts at its time.
         start = not_before if not_before > now else now
-        rec = Accepted(id=msg_id, sender=sender, rcpts=list(rcpts), received_at=start, body=body,
-                       customer=customer, next_at=not_before if not_before > now else 0.0,
-                       message_type=message_type)
-        loc = await self.journal.commit(rec)
+        return Accepted(id=msg_id or self._new_id(), sender=sys.intern(sender), rcpts=list(rcpts),
+                        received_at=start, body=body, customer=customer,
+                        next_at=not_before if not_before > now else 0.0, message_type=message_type)
+
+    def _queue_accepted(self, rec: Accepted, loc) -> None:
         self.counts["accepted"] += 1
-        self._track(Delivery(id=msg_id, sender=sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
-                             offset=loc.offset, length=loc.length, received_at=start, next_at=rec.next_at,
-                             customer=customer, message_type=message_type))
-        return msg_id
+        self._track(Delivery(id=rec.id, sender=rec.sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
+                             offset=loc.offset, length=loc.length, received_at=rec.received_at,
+                             next_at=rec.next_at, customer=rec.customer, message_type=rec.message_type))
 
     @functools.cached_property
     def idempotency(self) -> IdempotencyStore:

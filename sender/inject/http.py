@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import Config, parse_hostport
-from ..engine import Engine, SpoolFull, Suppressed
+from ..engine import Engine, SpoolFull, Submission, Suppressed
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
@@ -104,6 +104,10 @@ def _validation(message: str) -> ApiError:
     return ApiError(422, "validation_error", message)
 
 
+def _spool_full() -> ApiError:
+    return ApiError(429, "rate_limit_exceeded", "The queue is full; try again later.", headers={"Retry-After": "1"})
+
+
 MAX_SCHEDULE = 30 * 86400.0
 _IN = re.compile(r"in\s+(\d+)\s*(second|sec|minute|min|hour|hr|day)s?", re.I)
 _UNIT = {"second": 1, "sec": 1, "minute": 60, "min": 60, "hour": 3600, "hr": 3600, "day": 86400}
@@ -153,8 +157,7 @@ def create_app(engine: Engine) -> Starlette:
             return await engine.submit(built.sender, built.rcpts, built.message, customer=customer,
                                        not_before=not_before)
         except SpoolFull:
-            raise ApiError(429, "rate_limit_exceeded", "The queue is full; try again later.",
-                           headers={"Retry-After": "1"}) from None
+            raise _spool_full() from None
         except Suppressed as e:
             raise _validation(f"to: {e}") from None
         except UsageError as e:
@@ -215,21 +218,36 @@ def create_app(engine: Engine) -> Starlette:
         if not 1 <= len(payloads) <= MAX_BATCH:
             raise _validation(f"a batch holds 1 to {MAX_BATCH} emails, got {len(payloads)}")
         now = engine.now()
-        if mode == "strict":
-            # Every email is checked before any is queued: all or nothing.
-            built = [(build(p, f"[{i}]."), _at(i, p, now)) for i, p in enumerate(payloads)]
-            return _json(200, {"data": [{"id": await submit(b, customer, when)} for b, when in built]})
-        # Permissive: the valid ones are queued, each refusal is reported by its index. A full
-        # spool refuses the rest the same way, or the whole request if nothing was queued.
-        data: list[dict] = []
-        errors: list[dict] = []
+        checked: list[Submission | ApiError] = []
         for i, payload in enumerate(payloads):
             try:
-                data.append({"id": await submit(build(payload), customer, scheduled_at(payload, now))})
+                built, when = build(payload, f"[{i}]."), _at(i, payload, now)
+                suppressed = engine.suppressed(customer, built.rcpts, now)
+                if len(suppressed) == len(built.rcpts):
+                    raise _validation(f"[{i}].to: {Suppressed(suppressed)}")
+                checked.append(Submission(built.sender, built.rcpts, built.message, customer, "", when))
             except ApiError as e:
-                if e.status == 429 and not data:
-                    raise
-                errors.append({"index": i, "message": e.message})
+                if mode == "strict":
+                    raise                   # every email is checked before any is queued
+                checked.append(e)
+        if engine.spool_full:
+            raise _spool_full()
+        # One group commit for the whole batch.
+        results = iter(await engine.submit_many([c for c in checked if isinstance(c, Submission)]))
+        data: list[dict] = []
+        errors: list[dict] = []
+        for i, c in enumerate(checked):
+            got = c if isinstance(c, ApiError) else next(results)
+            if isinstance(got, str):
+                data.append({"id": got})
+            else:
+                message = got.message if isinstance(got, ApiError) else f"[{i}].to: {got}"
+                errors.append({"index": i, "message": message.removeprefix(f"[{i}].")})
+        if mode == "strict":
+            if errors:                      # a race with the spool filling up: say so
+                raise ApiError(429, "rate_limit_exceeded", f"{len(data)} of {len(checked)} emails queued: "
+                               f"{errors[0]['message']}", headers={"Retry-After": "1"})
+            return _json(200, {"data": data})
         return _json(200, {"data": data, "errors": errors})
 
     async def on_http_error(request: Request, e: Exception) -> Response:
