@@ -308,3 +308,25 @@ async def test_a_scheduled_message_goes_at_its_time_even_after_a_restart(tmp_pat
         await until(lambda: engine.counts["delivered"] == 1, step=1)
         assert 3600 <= trio.current_time() <= 3602
         n.cancel_scope.cancel()
+
+
+async def test_submit_many_commits_a_batch_at_once_and_answers_for_each(tmp_path):
+    from sender.engine import Submission
+
+    sink = Sink()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            engine = await start(n, make_config(tmp_path, [("*", "mx:25")], spool={"fsync": "batch"}),
+                                 Sinks(mx=sink))
+            engine.suppression.add("", "gone@y.test", "invalid_recipient", engine.now())
+            before = engine.journal.statistics().fsyncs
+            got = await engine.submit_many([Submission("s@x.test", [f"u{i}@y.test"], BODY) for i in range(50)]
+                                           + [Submission("s@x.test", ["gone@y.test"], BODY),
+                                              Submission("s@x.test", [], BODY)])
+            fsyncs = engine.journal.statistics().fsyncs - before
+            await until(lambda: engine.counts["delivered"] == 50)
+            n.cancel_scope.cancel()
+    assert all(isinstance(x, str) for x in got[:50]) and len(set(got[:50])) == 50
+    assert type(got[50]).__name__ == "Suppressed" and type(got[51]).__name__ == "UsageError"
+    assert fsyncs <= 2                       # one group commit for the 50, not 50
+    assert Journal(tmp_path / "spool").replay() == {}
