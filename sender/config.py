@@ -44,6 +44,7 @@ __all__ = [
     "RateLimit",
     "Rate",
     "load_config",
+    "read_toml",
     "parse_config",
     "parse_size",
     "parse_duration",
@@ -614,14 +615,18 @@ def parse_config(data: dict) -> Config:
         raise ConfigError(f"{_key_of(e, data)}: {msg.split(' - at ')[0]}") from None
 
 
-def load_config(path: str | Path | None) -> Config:
-    if path is None:
-        return Config()
+def read_toml(path: str | Path) -> dict:
+    """A config file's TOML as a dict; a missing file or bad TOML is a ConfigError."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    return parse_config(data)
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    return parse_config(read_toml(path))

@@ -27,7 +27,6 @@ import random
 import shutil
 import tempfile
 import time
-import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import msgspec
 import trio
 import trio.testing
 
-from .config import Config, ConfigError, parse_config
+from .config import Config, ConfigError, parse_config, read_toml
 from .engine import Engine
 from .routing import DAY
 from .shaping import BUILTIN_PROVIDERS
@@ -80,13 +79,7 @@ def _mx(provider: str) -> str:
 def load_simulation(path: str | Path) -> tuple[Config, SimulationConfig, dict[str, ProviderLoad], Path]:
     """Read a simulation file: the daemon config made to run in memory on a temporary spool,
     the traffic to offer, and each provider's behaviour. Errors name the key."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    data = read_toml(path)
     try:
         sim = msgspec.convert(data.pop("simulation", {}), SimulationConfig)
     except msgspec.ValidationError as e:
