@@ -355,3 +355,20 @@ async def test_a_complaint_after_delivery_counts_against_the_source_that_sent_it
         n.cancel_scope.cancel()
     assert counts.complaints == 1
     assert engine.suppression.check("acme", "reader@gmail.test", engine.now()).reason == "complaint"
+
+
+async def test_a_reload_moves_new_mail_to_the_new_pools(tmp_path, autojump_clock):
+    other = SourceSink()
+    before = config(tmp_path, pools={"shared": {"sources": ["ip2"]}})
+    after = config(tmp_path, pools={"shared": {"sources": ["ip2"]}, "acme": {"sources": ["ip5"], "dedicated": True}},
+                   customers=[{"id": "acme", "pool": "acme"}])
+    async with trio.open_nursery() as n:
+        engine = await start(n, before, Sinks(**{OTHER_MX: other}))
+        await submit_many(engine, 5, "other.test", customer="acme")
+        await until(lambda: engine.counts["delivered"] == 5)
+        engine.dispatcher.replace_rules(after)            # what SIGHUP does
+        await submit_many(engine, 5, "late.test", customer="acme")
+        await until(lambda: engine.counts["delivered"] == 10)
+        n.cancel_scope.cancel()
+    by_domain = Counter((rcpt.partition("@")[2], ip) for _, ip, rcpt in other.seen)
+    assert by_domain == {("other.test", "127.0.0.2"): 5, ("late.test", "127.0.0.5"): 5}
