@@ -154,6 +154,8 @@ class CustomerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     id: str
     api_keys: list[str] = msgspec.field(default_factory=list)
     pool: str = ""
+    api_rate_limit: str = ""                # HTTP requests, e.g. "10/s" ("" = none): 429 over it
+    daily_quota: int = 0                    # emails a UTC day through the HTTP API (0 = none)
 
 
 class SourceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -429,6 +431,10 @@ def _check_customers(customers: list[CustomerConfig]) -> None:
         if c.id in ids:
             raise ConfigError(f"customer[{i}].id: {c.id!r} is already used by another customer")
         ids.add(c.id)
+        if c.api_rate_limit:
+            parse_rate(c.api_rate_limit, f"customer[{i}].api_rate_limit")
+        if c.daily_quota < 0:
+            raise ConfigError(f"customer[{i}].daily_quota: must be 0 (none) or more, got {c.daily_quota}")
         for key in c.api_keys:
             if not key:
                 raise ConfigError(f"customer[{i}].api_keys: a key must not be empty")

@@ -55,7 +55,7 @@ class Env:
 
 
 @asynccontextmanager
-async def running(tmp_path, *, spool=None):
+async def running(tmp_path, *, spool=None, acme=None):
     """Sink + Engine + HTTP API on 127.0.0.1 free ports, the SDK pointed at it; all cancelled
     and the SDK's settings restored on exit."""
     sink = BodySink(load_rules(""))
@@ -67,7 +67,7 @@ async def running(tmp_path, *, spool=None):
             "listen": {"smtp": ""},
             "delivery": {"starttls": "never", "retry_interval": 60},
             "route": [{"match": "*", "relay": f"{sink_host}:{sink_port}"}],
-            "customer": [{"id": "acme", "api_keys": [KEY]}, {"id": "other", "api_keys": ["re_other"]}],
+            "customer": [{"id": "acme", "api_keys": [KEY], **(acme or {})}, {"id": "other", "api_keys": ["re_other"]}],
         })
         engine = await nursery.start(Engine(config).run)
         with trio.fail_after(BOUND):
@@ -303,3 +303,36 @@ async def test_a_scheduled_email_waits_and_bad_times_are_422(tmp_path):
         assert [r[1] for r in env.sink.received] == [["now@y.test"]]
         waiting = env.engine._live[answer["id"]]
         assert 3590 < waiting.next_at - env.engine.now() <= 3600
+
+
+async def test_a_customers_request_rate_gets_resends_headers_and_429(tmp_path):
+    async with running(tmp_path, acme={"api_rate_limit": "2/min,burst=2"}) as env:
+        answers = [await env.post("/emails", email()) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert answers[0].headers["ratelimit-limit"] == "2" and answers[0].headers["ratelimit-remaining"] == "1"
+        refused = answers[2]
+        assert refused.json()["name"] == "rate_limit_exceeded"
+        assert 20 <= int(refused.headers["retry-after"]) <= 30              # a token every 30 s
+        assert refused.headers["ratelimit-remaining"] == "0"
+        other = await env.post("/emails", email(), key="re_other")       # another customer: no limit
+        assert other.status_code == 200 and "ratelimit-limit" not in other.headers
+        assert env.engine.counts["accepted"] == 3
+
+
+async def test_the_daily_quota_refuses_what_does_not_fit(tmp_path):
+    async with running(tmp_path, acme={"daily_quota": 5}) as env:
+        assert (await env.post("/emails/batch", [email() for _ in range(3)])).status_code == 200
+        over = await env.post("/emails/batch", [email() for _ in range(3)])
+        assert over.status_code == 429 and over.json()["name"] == "daily_quota_exceeded", over.json()
+        assert "2 left today" in over.json()["message"]
+        assert (await env.post("/emails", email(to="bad"))).status_code == 422    # not counted
+        assert [(await env.post("/emails", email())).status_code for _ in range(3)] == [200, 200, 429]
+        assert env.engine.counts["accepted"] == 5
+
+
+def test_bad_limits_name_the_key():
+    for bad, key in (({"api_rate_limit": "fast"}, "customer[0].api_rate_limit"),
+                     ({"daily_quota": -1}, "customer[0].daily_quota")):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"customer": [{"id": "a", **bad}]})
+        assert str(e.value).startswith(key), str(e.value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import hmac
 import logging
+import math
 import re
 import socket
 from collections.abc import Awaitable, Callable
@@ -28,11 +29,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..config import Config, parse_hostport
+from ..config import Config, parse_hostport, parse_rate
 from ..engine import Engine, SpoolFull, Submission, Suppressed
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
+from ..scheduler import TokenBucket
 
 __all__ = ["ApiError", "create_app", "serve_http"]
 
@@ -138,10 +140,73 @@ def scheduled_at(payload: object, now: float) -> float:
     return when if when > now else 0.0
 
 
+class _Limits:
+    """Per customer: the request rate (a token bucket, Resend's ``ratelimit-*`` headers and 429
+    rate_limit_exceeded) and the daily quota of emails (429 daily_quota_exceeded). Counts are
+    kept in memory: a restart starts the day's count again."""
+
+    def __init__(self, config: Config) -> None:
+        self.rates = {c.id: parse_rate(c.api_rate_limit, "api_rate_limit") for c in config.customer
+                      if c.api_rate_limit}
+        self.quotas = {c.id: c.daily_quota for c in config.customer if c.daily_quota}
+        self.buckets: dict[str, TokenBucket] = {}
+        self.sent: dict[str, tuple[int, int]] = {}      # customer -> (UTC day, emails that day)
+
+    def admit(self, customer: str) -> dict[str, str]:
+        """Take a request token; returns the rate-limit headers for the answer.
+
+        Raises:
+          ApiError: 429 rate_limit_exceeded, with those headers and Retry-After.
+        """
+        rate = self.rates.get(customer)
+        if rate is None:
+            return {}
+        now = trio.current_time()
+        bucket = self.buckets.get(customer)
+        if bucket is None:
+            bucket = self.buckets[customer] = TokenBucket(rate.per_second, rate.burst, now)
+        allowed = bucket.try_take(now)
+        tokens = bucket.tokens(now)
+        headers = {"ratelimit-limit": str(max(1, int(rate.burst))),
+                   "ratelimit-remaining": str(max(0, int(tokens))),
+                   "ratelimit-reset": str(math.ceil((rate.burst - tokens) / rate.per_second))}
+        if not allowed:
+            headers["retry-after"] = str(max(1, math.ceil(bucket.delay(now))))
+            raise ApiError(429, "rate_limit_exceeded", "Too many requests. You can only make "
+                           f"{rate.per_second:g} requests per second.", headers=headers)
+        return headers
+
+    def take_quota(self, customer: str, n: int, wall_now: float) -> None:
+        """Count ``n`` emails against today's quota, or refuse them all.
+
+        Raises:
+          ApiError: 429 daily_quota_exceeded.
+        """
+        quota = self.quotas.get(customer)
+        if quota is None:
+            return
+        day = int(wall_now // 86400)
+        seen_day, count = self.sent.get(customer, (day, 0))
+        if seen_day != day:
+            count = 0
+        if count + n > quota:
+            raise ApiError(429, "daily_quota_exceeded", f"You have reached your daily email sending quota "
+                           f"({quota:,}); {quota - count:,} left today.", headers={"Retry-After": str(
+                               math.ceil((day + 1) * 86400 - wall_now))})
+        self.sent[customer] = (day, count + n)
+
+    def give_back(self, customer: str, n: int) -> None:
+        """Emails counted but not queued (refused afterwards)."""
+        if customer in self.sent and n:
+            day, count = self.sent[customer]
+            self.sent[customer] = (day, max(0, count - n))
+
+
 def create_app(engine: Engine) -> Starlette:
     """The ASGI app over ``engine``; its customers and keys come from ``engine.config``."""
     config = engine.config
     keys = _Keys(config)
+    limits = _Limits(config)
     max_size = int(config.listen.max_message_size)
     # Attachments arrive base64-encoded inside JSON: allow for the growth.
     body_limit = max_size * 4 // 3 + 64 * 1024
@@ -193,24 +258,43 @@ def create_app(engine: Engine) -> Starlette:
                            engine.now())
         return response
 
-    async def send_email(request: Request) -> Response:
-        customer = keys.customer(request)
+    async def send_email(request: Request, customer: str) -> Response:
         payload = await _read_json(request, body_limit)
 
         async def answer() -> Response:
             built = build(payload)
             when = scheduled_at(payload, engine.now())
-            return _json(200, {"id": await submit(built, customer, when)})
+            limits.take_quota(customer, 1, engine.now())
+            try:
+                return _json(200, {"id": await submit(built, customer, when)})
+            except ApiError:
+                limits.give_back(customer, 1)
+                raise
 
         return await idempotent(request, customer, payload, answer)
 
-    async def send_batch(request: Request) -> Response:
-        customer = keys.customer(request)
+    async def send_batch(request: Request, customer: str) -> Response:
         mode = request.headers.get("x-batch-validation", "strict").lower()
         if mode not in ("strict", "permissive"):
             raise _validation(f"x-batch-validation: expected \"strict\" or \"permissive\", got {mode!r}")
         payloads = await _read_json(request, body_limit * MAX_BATCH)
         return await idempotent(request, customer, payloads, lambda: batch(customer, mode, payloads))
+
+    def customer_endpoint(endpoint: Callable[[Request, str], Awaitable[Response]]):
+        """Authenticate, take a request token, and put the rate-limit headers on the answer."""
+
+        async def call(request: Request) -> Response:
+            customer = keys.customer(request)
+            headers = limits.admit(customer)
+            try:
+                response = await endpoint(request, customer)
+            except ApiError as e:
+                e.headers = {**headers, **e.headers}
+                raise
+            response.headers.update(headers)
+            return response
+
+        return _answering(call)
 
     async def batch(customer: str, mode: str, payloads: object) -> Response:
         if not isinstance(payloads, list):
@@ -232,8 +316,12 @@ def create_app(engine: Engine) -> Starlette:
                 checked.append(e)
         if engine.spool_full:
             raise _spool_full()
+        valid = [c for c in checked if isinstance(c, Submission)]
+        limits.take_quota(customer, len(valid), now)
         # One group commit for the whole batch.
-        results = iter(await engine.submit_many([c for c in checked if isinstance(c, Submission)]))
+        got = await engine.submit_many(valid)
+        limits.give_back(customer, sum(1 for g in got if not isinstance(g, str)))
+        results = iter(got)
         data: list[dict] = []
         errors: list[dict] = []
         for i, c in enumerate(checked):
@@ -256,8 +344,8 @@ def create_app(engine: Engine) -> Starlette:
         return _error(ApiError(e.status_code, name, str(e.detail), headers=dict(e.headers or {})))
 
     return Starlette(
-        routes=[Route("/emails", _answering(send_email), methods=["POST"]),
-                Route("/emails/batch", _answering(send_batch), methods=["POST"])],
+        routes=[Route("/emails", customer_endpoint(send_email), methods=["POST"]),
+                Route("/emails/batch", customer_endpoint(send_batch), methods=["POST"])],
         exception_handlers={HTTPException: on_http_error},
     )
 
