@@ -642,8 +642,9 @@ class Dispatcher:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = SitePool(site, source, self)
-            if self.egress.site_cap(source.address, site.provider, site.key) is not None:
-                self.shaper.cap_path(pool, self.egress.site_cap(source.address, site.provider, site.key), self.now())
+            cap = self.egress.site_cap(source.address, site.provider, site.key)
+            if cap is not None:
+                self.shaper.cap_path(pool, cap, self.now())
             pool.start()
         return pool
 
