@@ -737,6 +737,11 @@ class Dispatcher:
             self._sleep_until = -math.inf           # awake: pokes are not needed
             now = self.now()
             for d in self._timers.pop_due(now):
+                if not d.rcpts or d.next_at == 0.0:
+                    continue                    # canceled, or an older timer of a rescheduled one
+                if d.next_at > now:
+                    self._timers.push(d.next_at, d)     # rescheduled later
+                    continue
                 d.next_at = 0.0
                 self.submit(d, now)
             self.shaper.tick(now)

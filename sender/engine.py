@@ -33,10 +33,10 @@ from .idempotency import IdempotencyStore
 from .suppression import SUPPRESSING_CATEGORIES, Entry, SuppressionList
 from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
-from .model import Accepted, Bounced, Deferred, Delivered, Delivery, Expired, Reply
+from .model import Accepted, Bounced, Canceled, Deferred, Delivered, Delivery, Expired, Reply, Rescheduled
 
-__all__ = ["Engine", "EngineStatistics", "SpoolFull", "Suppressed", "max_in_flight", "split_by_domain",
-           "suppression_path"]
+__all__ = ["Engine", "EngineStatistics", "NotFound", "NotScheduled", "SpoolFull", "Submission", "Suppressed",
+           "max_in_flight", "split_by_domain", "suppression_path"]
 
 log = logging.getLogger("sender.engine")
 
@@ -70,6 +70,7 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     suppressed: int
     bounced_later: int          # bounces that came back after the remote host had accepted
     complaints: int
+    canceled: int               # scheduled messages called off before their time
     queued: int
     in_flight: int
     live_messages: int
@@ -113,6 +114,14 @@ class Submission(msgspec.Struct, frozen=True):
     not_before: float = 0.0
 
 
+class NotFound(UsageError):
+    """No such message queued (for this customer)."""
+
+
+class NotScheduled(UsageError):
+    """The message does not wait for a scheduled time (any more)."""
+
+
 class Engine:
     """Durable queue + delivery. Create, then ``await nursery.start(engine.run)``.
 
@@ -138,7 +147,7 @@ class Engine:
         self._last_id = 0
         self._pid = os.getpid() & 0xFFF
         self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired", "suppressed",
-                                     "bounced_later", "complaints"), 0)
+                                     "bounced_later", "complaints", "canceled"), 0)
         su = config.suppression
         self.suppression = SuppressionList(
             suppression_path(config), {"bad_domain": su.bad_domain_ttl, "inactive_mailbox": su.inactive_mailbox_ttl},
@@ -413,6 +422,50 @@ class Engine:
         if self._wait_outcomes:
             await self.journal.wait_durable()
 
+    def _scheduled(self, msg_id: str, customer: str) -> list[Delivery]:
+        """The parts of a message of ``customer`` that waits for its scheduled time.
+
+        Raises:
+          NotFound: no such message queued for this customer (another's is not seen).
+          NotScheduled: it is not waiting for a time any more (sending has begun).
+        """
+        entry = self._live.get(msg_id)
+        parts = [] if entry is None else entry if isinstance(entry, list) else [entry]
+        if not parts or parts[0].customer != customer:
+            raise NotFound(f"no queued email {msg_id!r}")
+        now = self.now()
+        if any(p.attempts or p.next_at <= now for p in parts):
+            raise NotScheduled(f"email {msg_id!r} is not scheduled (sending has begun)")
+        return parts
+
+    async def cancel(self, msg_id: str, customer: str = "") -> None:
+        """Call off a scheduled message before its time (journaled: final).
+
+        Raises:
+          NotFound, NotScheduled: see :meth:`_scheduled`.
+        """
+        parts = self._scheduled(msg_id, customer)
+        await self.journal.commit(Canceled(msg_id, [r for p in parts for r in p.rcpts], self.now()))
+        self.counts["canceled"] += 1
+        for p in parts:
+            self._done(p, p.rcpts)      # the dispatcher drops it when its time comes (no recipients)
+
+    async def reschedule(self, msg_id: str, customer: str, when: float) -> None:
+        """Give a scheduled message another time (journaled); ``when`` in the past: now.
+
+        Raises:
+          NotFound, NotScheduled: see :meth:`_scheduled`.
+        """
+        parts = self._scheduled(msg_id, customer)
+        now = self.now()
+        when = max(when, now)
+        await self.journal.commit(Rescheduled(msg_id, now, when))
+        for p in parts:
+            # A timer at the new time (or queued now); the old timer finds it moved and skips it.
+            p.received_at = when
+            p.next_at = when if when > now else 0.0
+            self.dispatcher.submit(p)
+
     def _done(self, d: Delivery, rcpts: list[str]) -> None:
         """``rcpts`` of ``d`` reached a final state; release the message when none is left."""
         if len(rcpts) == len(d.rcpts):
@@ -534,7 +587,7 @@ class Engine:
                 continue
             head = self.journal.read(seg, parts[0].offset, parts[0].length)
             rec = Accepted(id=msg_id, sender=head.sender, rcpts=[r for p in parts for r in p.rcpts],
-                           received_at=head.received_at, body=head.body, customer=head.customer,
+                           received_at=parts[0].received_at, body=head.body, customer=head.customer,
                            message_type=head.message_type,
                            attempts=max(p.attempts for p in parts), next_at=max(p.next_at for p in parts))
             moves.append((msg_id, self.journal.append(rec)))

@@ -52,7 +52,7 @@ import msgspec
 import trio
 from crc32c import crc32c
 
-from .model import Accepted, Deferred, Delivery, JournalRecord, Rec
+from .model import Accepted, Deferred, Delivery, JournalRecord, Rec, Rescheduled
 from .syncer import Syncer
 
 __all__ = ["RUNWAY", "Journal", "JournalCorrupt", "JournalStatistics", "Location", "SEGMENT_SUFFIX"]
@@ -119,9 +119,14 @@ class _Expired(_Final, tag="expired"):
     pass
 
 
+class _Canceled(_Final, tag="canceled"):
+    pass
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(JournalRecord)
-_replay_decoder = msgspec.msgpack.Decoder(_AcceptedHead | _Delivered | Deferred | _Bounced | _Expired)
+_replay_decoder = msgspec.msgpack.Decoder(_AcceptedHead | _Delivered | Deferred | _Bounced | _Expired | _Canceled
+                                          | Rescheduled)
 
 
 def encode_frame(rec: Rec, buf: bytearray) -> int:
@@ -573,6 +578,10 @@ def _apply(rec, live: dict[str, Delivery]) -> None:
     if isinstance(rec, Deferred):
         d.attempts = max(d.attempts, rec.attempts)
         d.next_at = max(d.next_at, rec.next_at)
+        return
+    if isinstance(rec, Rescheduled):
+        d.next_at = rec.next_at
+        d.received_at = rec.next_at         # a scheduled message's max_age counts from its time
         return
     done = set(rec.rcpts)
     d.rcpts = [r for r in d.rcpts if r not in done]

@@ -18,6 +18,8 @@ __all__ = [
     "Bounced",
     "Expired",
     "JournalRecord",
+    "Canceled",
+    "Rescheduled",
     "Delivery",
     "FINAL_RECORDS",
 ]
@@ -105,8 +107,24 @@ class Expired(Rec):
     category: str = "expired"
 
 
-JournalRecord = Accepted | Delivered | Deferred | Bounced | Expired
-FINAL_RECORDS = (Delivered, Bounced, Expired)
+class Canceled(Rec):
+    """A scheduled message called off before its time (the HTTP API's cancel): final."""
+
+    id: str
+    rcpts: list[str]
+    at: float
+
+
+class Rescheduled(Rec):
+    """A scheduled message given another time."""
+
+    id: str
+    at: float
+    next_at: float
+
+
+JournalRecord = Accepted | Delivered | Deferred | Bounced | Expired | Canceled | Rescheduled
+FINAL_RECORDS = (Delivered, Bounced, Expired, Canceled)
 
 
 class Delivery(msgspec.Struct, gc=False):

@@ -330,3 +330,32 @@ async def test_submit_many_commits_a_batch_at_once_and_answers_for_each(tmp_path
     assert type(got[50]).__name__ == "Suppressed" and type(got[51]).__name__ == "UsageError"
     assert fsyncs <= 2                       # one group commit for the 50, not 50
     assert Journal(tmp_path / "spool").replay() == {}
+
+
+async def test_rescheduled_and_canceled_messages_keep_their_new_fate_across_a_restart(tmp_path, autojump_clock):
+    sink = Sink()
+    sink.messages = []
+    sinks = Sinks(mx=sink)
+    config = make_config(tmp_path, [("*", "mx:25")], max_age=86400)
+    epoch = 1_800_000_000.0
+    async with trio.open_nursery() as n:
+        await n.start(sink.run_in_memory)
+        engine = await n.start(Engine(config, open_stream=sinks.open_stream, epoch=epoch).run)
+        later = await engine.submit("s@x.test", ["later@y.test"], BODY, not_before=epoch + 600)
+        sooner = await engine.submit("s@x.test", ["sooner@y.test"], BODY, not_before=epoch + 600)
+        gone = await engine.submit("s@x.test", ["gone@y.test"], BODY, not_before=epoch + 600)
+        await engine.reschedule(later, "", epoch + 7200)
+        await engine.reschedule(sooner, "", epoch + 300)
+        await engine.cancel(gone)
+        await trio.sleep(700)                         # past the first time of all three
+        assert [m["to"] for m in sink.messages] == [["sooner@y.test"]]
+        n.cancel_scope.cancel()
+    async with trio.open_nursery() as n:
+        await n.start(sink.run_in_memory)
+        engine = await n.start(Engine(config, open_stream=sinks.open_stream, epoch=epoch).run)
+        assert set(engine._live) == {later}
+        await until(lambda: engine.counts["delivered"] == 1, step=1)
+        assert 7200 <= trio.current_time() <= 7202
+        await trio.sleep(3600)
+        n.cancel_scope.cancel()
+    assert [m["to"] for m in sink.messages] == [["sooner@y.test"], ["later@y.test"]]

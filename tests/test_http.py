@@ -336,3 +336,26 @@ def test_bad_limits_name_the_key():
         with pytest.raises(ConfigError) as e:
             parse_config({"customer": [{"id": "a", **bad}]})
         assert str(e.value).startswith(key), str(e.value)
+
+
+async def test_a_scheduled_email_can_be_moved_or_canceled_by_its_customer_only(tmp_path):
+    async with running(tmp_path) as env:
+        later = await sdk(resend.Emails.send, email("later@y.test") | {"scheduled_at": "in 2 hours"})
+        moved = await sdk(resend.Emails.send, email("moved@y.test") | {"scheduled_at": "in 2 hours"})
+        # Another customer neither sees nor touches it.
+        r = await env.post(f"/emails/{later['id']}/cancel", None, key="re_other")
+        assert r.status_code == 404 and r.json()["name"] == "not_found"
+        assert (await sdk(resend.Emails.cancel, later["id"]))["id"] == later["id"]
+        with pytest.raises(resend.exceptions.ResendError) as e:
+            await sdk(resend.Emails.cancel, later["id"])             # gone now
+        assert str(e.value.code) == "404"
+        # Moved to a time already past: it goes at once.
+        await sdk(resend.Emails.update, {"id": moved["id"], "scheduled_at": "2020-01-01T00:00:00Z"})
+        await env.wait_received(1)
+        assert [r[1] for r in env.sink.received] == [["moved@y.test"]]
+        with pytest.raises(resend.exceptions.ResendError) as e:       # sending has begun
+            await sdk(resend.Emails.update, {"id": moved["id"], "scheduled_at": "in 1 hour"})
+        assert str(e.value.code) in ("404", "422")
+        assert env.engine.counts["canceled"] == 1
+    async with running(tmp_path) as env:                                  # and after a restart
+        assert env.engine._live == {}

@@ -11,6 +11,7 @@ Served by hypercorn's trio worker until cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hmac
 import logging
@@ -30,7 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import Config, parse_hostport, parse_rate
-from ..engine import Engine, SpoolFull, Submission, Suppressed
+from ..engine import Engine, NotFound, NotScheduled, SpoolFull, Submission, Suppressed
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
@@ -280,6 +281,22 @@ def create_app(engine: Engine) -> Starlette:
         payloads = await _read_json(request, body_limit * MAX_BATCH)
         return await idempotent(request, customer, payloads, lambda: batch(customer, mode, payloads))
 
+    async def cancel_email(request: Request, customer: str) -> Response:
+        msg_id = request.path_params["id"]
+        with _not_found_or_unscheduled():
+            await engine.cancel(msg_id, customer)
+        return _json(200, {"object": "email", "id": msg_id})
+
+    async def update_email(request: Request, customer: str) -> Response:
+        msg_id = request.path_params["id"]
+        payload = await _read_json(request, 64 * 1024)
+        if not isinstance(payload, dict) or "scheduled_at" not in payload:
+            raise ApiError(422, "missing_required_field", "scheduled_at: is required")
+        when = scheduled_at(payload, engine.now()) or engine.now()
+        with _not_found_or_unscheduled():
+            await engine.reschedule(msg_id, customer, when)
+        return _json(200, {"object": "email", "id": msg_id})
+
     def customer_endpoint(endpoint: Callable[[Request, str], Awaitable[Response]]):
         """Authenticate, take a request token, and put the rate-limit headers on the answer."""
 
@@ -345,9 +362,22 @@ def create_app(engine: Engine) -> Starlette:
 
     return Starlette(
         routes=[Route("/emails", customer_endpoint(send_email), methods=["POST"]),
-                Route("/emails/batch", customer_endpoint(send_batch), methods=["POST"])],
+                Route("/emails/batch", customer_endpoint(send_batch), methods=["POST"]),
+                Route("/emails/{id}/cancel", customer_endpoint(cancel_email), methods=["POST"]),
+                Route("/emails/{id}", customer_endpoint(update_email), methods=["PATCH"])],
         exception_handlers={HTTPException: on_http_error},
     )
+
+
+@contextlib.contextmanager
+def _not_found_or_unscheduled():
+    """An email of another customer is not found, like one that does not exist."""
+    try:
+        yield
+    except NotFound as e:
+        raise ApiError(404, "not_found", str(e)) from None
+    except NotScheduled as e:
+        raise _validation(str(e)) from None
 
 
 def _at(i: int, payload: object, now: float) -> float:
