@@ -139,6 +139,7 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     smtp: str = "127.0.0.1:2525"
     http: str = ""                         # the Resend-compatible HTTP API ("" = off)
+    attachment_folder: str = ""            # HTTP attachments[].path may name files in here ("" = none)
     hostname: str = "sender.localhost"
     max_message_size: int | str = "25MiB"
     max_recipients: int = 1000

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
+from pathlib import Path
 
 import idna
 import msgspec
@@ -252,7 +253,30 @@ def _header_address(display: str, address: str, local: str) -> Address:
     return Address(display, username=local, domain=address.rpartition("@")[2])
 
 
-def _attachments(value: object, budget: int) -> list[tuple[bytes, str, str, str]]:
+def _read_attachment(path: object, folder: Path | None, field: str, budget: int) -> tuple[bytes, str]:
+    """The bytes of a file named by ``path`` inside ``folder``, and its name. Nothing outside
+    the folder is read: not through "..", an absolute path or a symbolic link."""
+    if folder is None:
+        raise MimeError(field, "is not allowed here (no attachment folder is configured; send content)")
+    if not isinstance(path, str) or not path:
+        raise MimeError(field, "must be a file name in the attachment folder")
+    _check_header_text(path, field)
+    root = folder.resolve()
+    target = (root / path).resolve()
+    if not target.is_relative_to(root):
+        raise MimeError(field, "is outside the attachment folder")
+    try:
+        size = target.stat().st_size
+        if not target.is_file():
+            raise MimeError(field, "is not a file")
+        if size > budget:
+            raise MimeError("message", f"message is at least {size} bytes, over the limit")
+        return target.read_bytes(), target.name
+    except OSError as e:
+        raise MimeError(field, f"cannot be read: {e.strerror}") from None
+
+
+def _attachments(value: object, budget: int, folder: Path | None = None) -> list[tuple[bytes, str, str, str]]:
     """Returns (data, maintype, subtype, filename) for each attachment."""
     if value is None:
         return []
@@ -264,9 +288,14 @@ def _attachments(value: object, budget: int) -> list[tuple[bytes, str, str, str]
         if not isinstance(item, dict):
             raise MimeError(field, f"must be an object, not {_json_type(item)}")
         for key in item:
-            if key not in ("filename", "content", "content_type"):
-                what = "is not supported (send content)" if key == "path" else "is not a known field"
-                raise MimeError(f"{field}.{key}", what)
+            if key not in ("filename", "content", "content_type", "path"):
+                raise MimeError(f"{field}.{key}", "is not a known field")
+        if "path" in item:
+            if "content" in item:
+                raise MimeError(f"{field}.path", "give content or path, not both")
+            data, name = _read_attachment(item["path"], folder, f"{field}.path", budget)
+            item = {**item, "filename": item.get("filename", name),
+                    "content": base64.b64encode(data).decode("ascii")}
         filename = item.get("filename")
         if not isinstance(filename, str):
             raise MimeError(f"{field}.filename",
@@ -451,13 +480,14 @@ def _write_message(from_, to, cc, reply_to, subject: str, headers: list[tuple[st
 
 
 def build_message(payload: dict, *, message_id_domain: str, now: float | None = None,
-                  max_bytes: int = 40 * 1024 * 1024) -> Built:
+                  max_bytes: int = 40 * 1024 * 1024, attachment_folder: str | Path | None = None) -> Built:
     """Check a Resend ``POST /emails`` body and build the message it describes.
 
     Args:
       message_id_domain: the right-hand side of the Message-ID (our own domain).
       now: the Date header's time, seconds since the epoch; the current time when None.
       max_bytes: the largest message, in bytes as built.
+      attachment_folder: where ``attachments[].path`` may read files (None: nowhere).
 
     Returns:
       The envelope and the message bytes, CRLF throughout, no line over 78 octets.
@@ -499,7 +529,8 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
     if budget < 0:
         raise MimeError("message", f"message is at least {max_bytes - budget} bytes, "
                                    f"over the limit of {max_bytes}")
-    attachments = _attachments(payload.get("attachments"), budget)
+    attachments = _attachments(payload.get("attachments"), budget,
+                               Path(attachment_folder) if attachment_folder else None)
 
     everyone = [from_, *to, *cc, *bcc, *reply_to]
     smtputf8 = any(not local.isascii() for _, _, local in everyone)

@@ -361,3 +361,30 @@ def test_the_direct_writer_says_what_it_was_given(display, subject, text, html, 
 
 def _q(display: str) -> str:
     return '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def test_attachments_by_path_are_read_only_inside_the_folder(tmp_path):
+    folder = tmp_path / "files"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "report.pdf").write_bytes(b"%PDF-1.4 data")
+    (tmp_path / "secret.txt").write_text("no")
+    (folder / "escape").symlink_to(tmp_path / "secret.txt")
+
+    def payload(**attachment):
+        return {"from": "a@x.test", "to": "b@y.test", "subject": "s", "text": "t", "attachments": [attachment]}
+
+    built = build_message(payload(path="sub/report.pdf"), message_id_domain="s.test", attachment_folder=folder)
+    parts = [p for p in message_from_bytes(built.message, policy=email.policy.default).iter_attachments()]
+    assert [(p.get_filename(), p.get_content_type(), p.get_content()) for p in parts] == [
+        ("report.pdf", "application/pdf", b"%PDF-1.4 data")]
+    for path, problem in (("../secret.txt", "is outside the attachment folder"),
+                          (str(tmp_path / "secret.txt"), "is outside the attachment folder"),
+                          ("escape", "is outside the attachment folder"),
+                          ("sub", "is not a file"),
+                          ("nope.pdf", "cannot be read")):
+        with pytest.raises(MimeError) as e:
+            build_message(payload(path=path), message_id_domain="s.test", attachment_folder=folder)
+        assert (e.value.field, e.value.problem.split(":")[0]) == ("attachments[0].path", problem), path
+    with pytest.raises(MimeError) as e:                   # no folder configured: nothing is read
+        build_message(payload(path="sub/report.pdf"), message_id_domain="s.test")
+    assert e.value.field == "attachments[0].path" and "no attachment folder" in e.value.problem

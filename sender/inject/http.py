@@ -214,7 +214,8 @@ def create_app(engine: Engine) -> Starlette:
 
     def build(payload: object, where: str = "") -> Built:
         try:
-            return build_message(payload, message_id_domain=config.listen.hostname, max_bytes=max_size)
+            return build_message(payload, message_id_domain=config.listen.hostname, max_bytes=max_size,
+                                 attachment_folder=config.listen.attachment_folder or None)
         except MimeError as e:
             raise _validation(f"{where}{e}") from None
 
