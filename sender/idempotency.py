@@ -26,6 +26,8 @@ import msgspec
 import orjson
 import trio
 
+from .files import replace_file
+
 __all__ = ["IdempotencyStore", "KeyInvalid", "KeyReused", "KeyInFlight", "TTL", "MAX_KEY", "digest"]
 
 TTL = 24 * 3600.0
@@ -145,13 +147,7 @@ class IdempotencyStore:
     def _compact(self, now: float) -> None:
         """Rewrite the log with the answers still kept."""
         self._entries = {k: e for k, e in self._entries.items() if now - e.at < self.ttl}
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            for entry in self._entries.values():
-                f.write(orjson.dumps(msgspec.to_builtins(entry)) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, (orjson.dumps(msgspec.to_builtins(e)) + b"\n" for e in self._entries.values()))
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._lines = len(self._entries)

@@ -38,6 +38,7 @@ import msgspec
 
 from .automation import Action, Automation
 from .config import Config, WarmupPlan
+from .files import replace_file
 from .model import Delivery, Reply
 from .reputation import AIMD, Reputation
 
@@ -253,8 +254,7 @@ class Egress:
 
     def _work_out_cap(self, source: Source, provider: str, day: int) -> tuple[int | None, int | None]:
         plan = source.plan
-        if plan is None:
-            return None, None
+        assert plan is not None             # cap() answers for sources without one
         n = day - source.start_day + 1
         if n < 1:
             n = 1                                   # a start date in the future: day 1
@@ -423,30 +423,9 @@ class Egress:
             return
         self.state.actions = self.automation.active()
         self.state.reputation = self.reputation.snapshot()
-        tmp = self.state_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(msgspec.msgpack.encode(self.state))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        replace_file(self.state_path, [msgspec.msgpack.encode(self.state)])
         self.dirty = False
         self._saved_at = now
-
-    # ------------------------------------------------------------------ inspection
-
-    def warmup(self, now: float) -> list[dict]:
-        """Today's warmup position of every source with a plan (for the CLI and explain)."""
-        day = self._roll(now)
-        out = []
-        for source in self.sources.values():
-            if source.plan is None:
-                continue
-            total, _ = self.cap(source, "", day)
-            out.append({"source": source.address, "day": day - source.start_day + 1,
-                        "sent": self.state.sent.get(source.address, 0), "cap": total,
-                        "stages": {k.partition(">")[2]: v for k, v in self.state.stages.items()
-                                   if k.partition(">")[0] == source.address}})
-        return out
 
 
 def read_state(path: str | os.PathLike) -> dict | None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import msgspec
 from crc32c import crc32c
 
+from .files import replace_file
+
 __all__ = ["SUPPRESSING_CATEGORIES", "Entry", "SuppressionList"]
 
 # Outcomes that suppress, when permanent; and complaints.
@@ -159,14 +161,8 @@ class SuppressionList:
 
     def _rewrite(self) -> None:
         """Write the live entries to a new file and swap it in atomically."""
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            for entry in self._entries.values():
-                payload = _encoder.encode(entry)
-                f.write(_HEADER.pack(len(payload), crc32c(payload)) + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        replace_file(self.path, (_HEADER.pack(len(p), crc32c(p)) + p
+                                 for p in map(_encoder.encode, self._entries.values())))
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         self._frames = len(self._entries)
