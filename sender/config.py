@@ -7,6 +7,7 @@ or "30s" / "5m" / "2h" / "3d" strings.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import re
@@ -22,6 +23,10 @@ __all__ = [
     "SpoolConfig",
     "ListenConfig",
     "CustomerConfig",
+    "WebhookConfig",
+    "WebhooksConfig",
+    "DkimConfig",
+    "WEBHOOK_EVENTS",
     "SourceConfig",
     "PoolConfig",
     "WarmupPlan",
@@ -139,6 +144,7 @@ class SpoolConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     smtp: str = "127.0.0.1:2525"
     http: str = ""                         # the Resend-compatible HTTP API ("" = off)
+    admin_keys: list[str] = msgspec.field(default_factory=list)   # Bearer keys of the /admin endpoints
     attachment_folder: str = ""            # HTTP attachments[].path may name files in here ("" = none)
     hostname: str = "sender.localhost"
     max_message_size: int | str = "25MiB"
@@ -157,6 +163,35 @@ class CustomerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool: str = ""
     api_rate_limit: str = ""                # HTTP requests, e.g. "10/s" ("" = none): 429 over it
     daily_quota: int = 0                    # emails a UTC day through the HTTP API (0 = none)
+    webhook: list[WebhookConfig] = msgspec.field(default_factory=list)
+
+
+class WebhookConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An endpoint that receives a customer's events, signed as Resend (Svix) signs them."""
+
+    url: str                                # http:// or https://
+    secret: str                             # "whsec_" + base64 of the signing key
+    events: list[str] = msgspec.field(default_factory=list)   # e.g. ["email.bounced"]; [] = all
+
+
+class WebhooksConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How webhooks are sent: the waits between attempts (Svix's schedule by default), after
+    the last of which an event goes to the dead-letter list."""
+
+    retry_schedule: list[float | str] = msgspec.field(
+        default_factory=lambda: ["5s", "5m", "30m", "2h", "5h", "10h", "10h"])
+    timeout: float | str = "15s"            # one attempt, connect to answer
+    max_in_flight: int = 10                 # attempts at once per endpoint
+
+
+class DkimConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A DKIM key: mail whose From: domain is ``domain`` (or under it) is signed with it.
+    Two entries for one domain (an RSA and an Ed25519 key) sign twice (RFC 8463)."""
+
+    domain: str
+    selector: str
+    key_file: str                           # PEM (RSA or Ed25519), or base64 of an Ed25519 seed
+    headers: list[str] = msgspec.field(default_factory=list)   # [] = the usual set, From oversigned
 
 
 class SourceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -382,6 +417,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     warmup: dict[str, WarmupPlan] = msgspec.field(default_factory=dict)
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     automation: AutomationConfig = msgspec.field(default_factory=AutomationConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    dkim: list[DkimConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Normalize strings like "2GiB" and "5m" once, so the rest of the code sees numbers.
@@ -418,14 +455,20 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             parse_hostport(r.relay, f"route[{i}].relay", default_port=d.port)
             if not r.match or " " in r.match:
                 raise ConfigError(f"route[{i}].match: expected a domain, \".suffix\" or \"*\", got {r.match!r}")
-        _check_customers(self.customer)
+        _check_customers(self.customer, self.listen.admin_keys)
+        _check_webhooks(self)
+        _check_dkim(self.dkim)
         _check_egress(self)
         _check_automation(self.automation, self.pool)
 
 
-def _check_customers(customers: list[CustomerConfig]) -> None:
+def _check_customers(customers: list[CustomerConfig], admin_keys: list[str]) -> None:
     ids: set[str] = set()
     owner: dict[str, str] = {}
+    for key in admin_keys:
+        if not key:
+            raise ConfigError("listen.admin_keys: a key must not be empty")
+        owner[key] = ""
     for i, c in enumerate(customers):
         if not c.id:
             raise ConfigError(f"customer[{i}].id: must not be empty")
@@ -441,7 +484,51 @@ def _check_customers(customers: list[CustomerConfig]) -> None:
                 raise ConfigError(f"customer[{i}].api_keys: a key must not be empty")
             # Never echo the key itself: the message ends up in logs.
             if owner.setdefault(key, c.id) != c.id:
-                raise ConfigError(f"customer[{i}].api_keys: a key is also a key of customer {owner[key]!r}")
+                whose = f"customer {owner[key]!r}" if owner[key] else "listen.admin_keys"
+                raise ConfigError(f"customer[{i}].api_keys: a key is also a key of {whose}")
+
+
+WEBHOOK_EVENTS = ("email.sent", "email.delivered", "email.delivery_delayed", "email.bounced",
+                  "email.complained", "email.failed", "email.suppressed", "email.scheduled")
+
+
+def _check_webhooks(c: "Config") -> None:
+    w = c.webhooks
+    if not w.retry_schedule:
+        raise ConfigError("webhooks.retry_schedule: needs at least one wait")
+    w.retry_schedule = [parse_duration(v, f"webhooks.retry_schedule[{i}]") for i, v in enumerate(w.retry_schedule)]
+    w.timeout = parse_duration(w.timeout, "webhooks.timeout")
+    if w.max_in_flight < 1:
+        raise ConfigError("webhooks.max_in_flight: must be at least 1")
+    for i, cust in enumerate(c.customer):
+        for j, hook in enumerate(cust.webhook):
+            key = f"customer[{i}].webhook[{j}]"
+            if not re.fullmatch(r"https?://[^\s/?#]+(?:[/?#]\S*)?", hook.url):
+                raise ConfigError(f"{key}.url: expected an http:// or https:// URL, got {hook.url!r}")
+            if not hook.secret.startswith("whsec_"):
+                raise ConfigError(f"{key}.secret: expected \"whsec_\" followed by base64")
+            try:
+                if not base64.b64decode(hook.secret[6:], validate=True):
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{key}.secret: the part after \"whsec_\" is not base64") from None
+            for e in hook.events:
+                if e not in WEBHOOK_EVENTS:
+                    raise ConfigError(f"{key}.events: unknown event {e!r} (known: {', '.join(WEBHOOK_EVENTS)})")
+
+
+def _check_dkim(entries: list[DkimConfig]) -> None:
+    for i, e in enumerate(entries):
+        key = f"dkim[{i}]"
+        if not re.fullmatch(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z0-9-]+", e.domain.lower()):
+            raise ConfigError(f"{key}.domain: expected a domain name, got {e.domain!r}")
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?", e.selector):
+            raise ConfigError(f"{key}.selector: expected a selector like \"s2026\", got {e.selector!r}")
+        if not e.key_file:
+            raise ConfigError(f"{key}.key_file: must name the private key's file")
+        for h in e.headers:
+            if not re.fullmatch(r"[!-9;-~]+", h):
+                raise ConfigError(f"{key}.headers: {h!r} is not a header field name")
 
 
 def _check_egress(c: "Config") -> None:
