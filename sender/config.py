@@ -26,6 +26,7 @@ __all__ = [
     "WebhookConfig",
     "WebhooksConfig",
     "DkimConfig",
+    "EventsConfig",
     "WEBHOOK_EVENTS",
     "SourceConfig",
     "PoolConfig",
@@ -182,6 +183,15 @@ class WebhooksConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=lambda: ["5s", "5m", "30m", "2h", "5h", "10h", "10h"])
     timeout: float | str = "15s"            # one attempt, connect to answer
     max_in_flight: int = 10                 # attempts at once per endpoint
+
+
+class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The event log: JSON lines, a file per UTC hour, in ``path`` ("" = SPOOL/events)."""
+
+    path: str = ""
+    retention: float | str = "7d"           # files older than this are deleted
+    recent: int = 10_000                    # events kept in memory for the API
+    email_status: int = 100_000             # messages whose status GET /emails/{id} can tell
 
 
 class DkimConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -418,6 +428,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     egress: EgressConfig = msgspec.field(default_factory=EgressConfig)
     automation: AutomationConfig = msgspec.field(default_factory=AutomationConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     dkim: list[DkimConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -457,6 +468,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ConfigError(f"route[{i}].match: expected a domain, \".suffix\" or \"*\", got {r.match!r}")
         _check_customers(self.customer, self.listen.admin_keys)
         _check_webhooks(self)
+        ev = self.events
+        ev.retention = parse_duration(ev.retention, "events.retention")
+        if ev.recent < 0 or ev.email_status < 0:
+            raise ConfigError("events.recent and events.email_status: must be 0 or more")
         _check_dkim(self.dkim)
         _check_egress(self)
         _check_automation(self.automation, self.pool)

@@ -48,11 +48,15 @@ __all__ = ["ConnectionGate", "Dispatcher", "Outcomes", "Site", "SitePool", "Pool
 class Outcomes(Protocol):
     """What the dispatcher reports; the engine journals each call."""
 
-    def delivered(self, d: Delivery, rcpts: list[str], reply: Reply) -> None: ...
-    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply, category: str) -> None: ...
-    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply, category: str) -> Delivery | None:
+    # ``via``: the path the attempt took (source, site, provider); None for a failure before one.
+    def delivered(self, d: Delivery, rcpts: list[str], reply: Reply, via: SitePool | None = None) -> None: ...
+    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply, category: str,
+                via: SitePool | None = None) -> None: ...
+    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply, category: str,
+                 via: SitePool | None = None) -> Delivery | None:
         """Journal a deferral; returns the delivery to retry, or None if it expired."""
-    def body(self, d: Delivery) -> bytes: ...
+    def message(self, d: Delivery) -> bytes:
+        """The bytes to send (the accepted message, DKIM-signed when a key applies)."""
     def return_path(self, d: Delivery, source: str = "") -> str:
         """The MAIL FROM address of ``d`` sent from ``source`` (a VERP address when bounces
         are read)."""
@@ -376,11 +380,11 @@ class SitePool:
                 first, d = d, None
                 try:
                     if session.proto.pipelining:
-                        await session.pipeline(first, take_next, self.d.outcomes.body, self._report,
+                        await session.pipeline(first, take_next, self.d.outcomes.message, self._report,
                                                self._return_path)
                     else:
                         self._report(first, await session.transaction(self._return_path(first), first.rcpts,
-                                                                       self.d.outcomes.body(first)))
+                                                                       self.d.outcomes.message(first)))
                 except SessionError as e:
                     reply = _local_reply(_LOCAL_TEMP, "4.4.2", str(e))
                     for lost in e.unfinished if e.unfinished is not None else [first]:
@@ -424,7 +428,7 @@ class SitePool:
         if accepted:
             final = res.final
             if res.data_started and final.code // 100 == 2:
-                out.delivered(d, accepted, final)
+                out.delivered(d, accepted, final, self)
                 self.d.observe(self, d, "delivered", "", final)
             else:
                 failed.setdefault(final, []).extend(accepted)
@@ -572,9 +576,9 @@ class Dispatcher:
         if pool is not None:
             self.observe(pool, d, "bounced" if permanent else "deferred", category, reply)
         if permanent:
-            self.outcomes.bounced(d, rcpts, reply, category)
+            self.outcomes.bounced(d, rcpts, reply, category, pool)
         else:
-            self.retry(self.outcomes.deferred(d, rcpts, reply, category))
+            self.retry(self.outcomes.deferred(d, rcpts, reply, category, pool))
 
     def observe(self, pool: SitePool, d: Delivery, event: str, category: str, reply: Reply) -> None:
         """An outcome of an attempt on ``pool``'s path: feedback to the egress (reputation,

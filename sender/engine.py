@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import itertools
 import logging
 import os
 import random
@@ -28,6 +27,9 @@ from .config import Config
 from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
+from .events import Event, EventLog
+from .mime import summary
+from .status import EmailStatus
 from .ndr import build_report, wants_report
 from .idempotency import IdempotencyStore
 from .suppression import SUPPRESSING_CATEGORIES, Entry, SuppressionList
@@ -112,6 +114,7 @@ class Submission(msgspec.Struct, frozen=True):
     customer: str = ""
     message_type: str = ""
     not_before: float = 0.0
+    tags: dict[str, str] = {}
 
 
 class NotFound(UsageError):
@@ -155,6 +158,12 @@ class Engine:
         self._suppression_dirty = trio.Event()
         self._suppression_read = 0.0
         self._wait_outcomes = sp.fsync == "always"
+        ev = config.events
+        self.events = EventLog(ev.path or Path(sp.path) / "events", retention=ev.retention, recent=ev.recent,
+                               now=self.now)
+        self.emails = EmailStatus(ev.email_status)
+        self.signer = None
+        self.events.subscribers.append(self.emails.observe)
         self._nursery: trio.Nursery | None = None
         self._drained = trio.Event()
 
@@ -190,6 +199,9 @@ class Engine:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.journal.run)
+            if self.emails.capacity:
+                self.emails.load(self.events.folder)
+            await nursery.start(self.events.run)
             await nursery.start(self.dispatcher.run)
             now = self.now()
             for d in list(live.values()):
@@ -232,7 +244,8 @@ class Engine:
         return self.journal.total_bytes >= self.config.spool.max_bytes
 
     async def submit(self, sender: str, rcpts: list[str], body: bytes, *, customer: str = "",
-                     message_type: str = "", msg_id: str | None = None, not_before: float = 0.0) -> str:
+                     message_type: str = "", msg_id: str | None = None, not_before: float = 0.0,
+                     tags: dict[str, str] | None = None) -> str:
         """Make a message durable and queue it; returns its id once it is safe on disk.
 
         Args:
@@ -241,6 +254,7 @@ class Engine:
           msg_id: an id from :meth:`new_id` when the caller needed it earlier (trace headers).
           not_before: wall-clock time before which it is not sent (a scheduled email); its
             ``max_age`` counts from then.
+          tags: name -> value, told back in the message's events and webhooks.
 
         Recipients on the customer's suppression list are left out (see :meth:`suppressed`).
 
@@ -249,7 +263,7 @@ class Engine:
           Suppressed: every recipient is suppressed; nothing was queued.
           SpoolFull: the spool is over its size limit.
         """
-        rec = self._accepted(sender, rcpts, body, customer, message_type, msg_id, not_before)
+        rec = self._accepted(sender, rcpts, body, customer, message_type, msg_id, not_before, tags)
         loc = await self.journal.commit(rec)
         self._queue_accepted(rec, loc)
         return rec.id
@@ -261,7 +275,7 @@ class Engine:
         for m in messages:
             try:
                 records.append(self._accepted(m.sender, m.rcpts, m.body, m.customer, m.message_type, None,
-                                              m.not_before))
+                                              m.not_before, m.tags))
             except (UsageError, Suppressed, SpoolFull) as e:
                 records.append(e)
         locations = [self.journal.append(r) if isinstance(r, Accepted) else None for r in records]
@@ -276,7 +290,7 @@ class Engine:
         return out
 
     def _accepted(self, sender: str, rcpts: list[str], body: bytes, customer: str, message_type: str,
-                  msg_id: str | None, not_before: float) -> Accepted:
+                  msg_id: str | None, not_before: float, tags: dict[str, str] | None = None) -> Accepted:
         """Check a message and make its Accepted record (suppressed recipients left out)."""
         if not rcpts:
             raise UsageError("rcpts: at least one recipient is required")
@@ -289,19 +303,31 @@ class Engine:
         now = self.now()
         suppressed = self.suppressed(customer, rcpts, now)
         if suppressed:
-            if len(suppressed) == len(rcpts):
-                self.counts["suppressed"] += len(rcpts)
-                raise Suppressed(suppressed)
             self.counts["suppressed"] += len(suppressed)
+            everyone = len(suppressed) == len(rcpts)
+            msg_id = "" if everyone else msg_id or self._new_id()
+            for addr, entry in suppressed.items():
+                self._emit(Event(time=now, event="suppressed", id=msg_id, customer=customer, rcpts=[addr],
+                                 domain=addr.rpartition("@")[2].lower(), message_type=message_type,
+                                 category=entry.reason, detail={"from": sender, **summary(body)}))
+            if everyone:
+                raise Suppressed(suppressed)
             rcpts = [r for r in rcpts if r not in suppressed]
         # A scheduled message's life (max_age) starts at its time.
         start = not_before if not_before > now else now
         return Accepted(id=msg_id or self._new_id(), sender=sys.intern(sender), rcpts=list(rcpts),
                         received_at=start, body=body, customer=customer,
-                        next_at=not_before if not_before > now else 0.0, message_type=message_type)
+                        next_at=not_before if not_before > now else 0.0, message_type=message_type,
+                        tags=tags or {})
 
     def _queue_accepted(self, rec: Accepted, loc) -> None:
         self.counts["accepted"] += 1
+        head = summary(rec.body)
+        if rec.tags:
+            head["tags"] = rec.tags
+        self._emit(Event(time=self.now(), event="scheduled" if rec.next_at else "accepted", id=rec.id,
+                         customer=rec.customer, rcpts=rec.rcpts, message_type=rec.message_type,
+                         next_at=rec.next_at, detail=head))
         self._track(Delivery(id=rec.id, sender=rec.sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
                              offset=loc.offset, length=loc.length, received_at=rec.received_at,
                              next_at=rec.next_at, customer=rec.customer, message_type=rec.message_type))
@@ -390,6 +416,11 @@ class Engine:
                 continue
             if source and report.kind in ("complaint", "bounce"):
                 self.dispatcher.reputation_later(source, r.recipient, report.kind, r.category, now)
+            self._emit(Event(time=now, event="complained" if report.kind == "complaint" else "bounced", id=msg_id,
+                             customer=customer, rcpts=[r.recipient], domain=r.recipient.rpartition("@")[2].lower(),
+                             source=source, reply=r.diagnostic or "", category=r.category or "",
+                             detail={"after_delivery": live is None, "report": report.kind,
+                                     **({"feedback_type": report.feedback_type} if report.feedback_type else {})}))
             if report.kind == "complaint":
                 self.counts["complaints"] += 1
                 if self.suppression is not None:
@@ -407,6 +438,25 @@ class Engine:
 
     def body(self, d: Delivery) -> bytes:
         return self.journal.read(d.segment, d.offset, d.length).body
+
+    def message(self, d: Delivery) -> bytes:
+        """The bytes delivery sends: the body as accepted, DKIM-signed for its From: domain
+        when a ``[[dkim]]`` key applies (signed at each attempt, so a new key or selector
+        takes effect for mail already queued)."""
+        body = self.body(d)
+        return body if self.signer is None else self.signer.sign(body, self.now())
+
+    def _emit(self, ev: Event) -> None:
+        self.events.emit(ev)
+
+    def _outcome(self, event: str, d: Delivery, rcpts: list[str], now: float, reply: Reply | None = None,
+                 category: str = "", via=None, **fields) -> None:
+        self._emit(Event(time=now, event=event, id=d.id, customer=d.customer, rcpts=list(rcpts), domain=d.domain,
+                         provider=via.provider if via is not None else "",
+                         site=via.site.key if via is not None else "",
+                         source=via.source if via is not None else "",
+                         message_type=d.message_type, reply=str(reply) if reply is not None else "",
+                         category=category, **fields))
 
     def _record(self, rec) -> None:
         if self.journal.closed:
@@ -445,9 +495,11 @@ class Engine:
           NotFound, NotScheduled: see :meth:`_scheduled`.
         """
         parts = self._scheduled(msg_id, customer)
-        await self.journal.commit(Canceled(msg_id, [r for p in parts for r in p.rcpts], self.now()))
+        now = self.now()
+        await self.journal.commit(Canceled(msg_id, [r for p in parts for r in p.rcpts], now))
         self.counts["canceled"] += 1
         for p in parts:
+            self._outcome("canceled", p, p.rcpts, now)
             self._done(p, p.rcpts)      # the dispatcher drops it when its time comes (no recipients)
 
     async def reschedule(self, msg_id: str, customer: str, when: float) -> None:
@@ -461,6 +513,7 @@ class Engine:
         when = max(when, now)
         await self.journal.commit(Rescheduled(msg_id, now, when))
         for p in parts:
+            self._outcome("rescheduled", p, p.rcpts, now, next_at=when)
             # A timer at the new time (or queued now); the old timer finds it moved and skips it.
             p.received_at = when
             p.next_at = when if when > now else 0.0
@@ -486,15 +539,19 @@ class Engine:
         del self._live[d.id]
         self.journal.release(d.segment)
 
-    def delivered(self, d: Delivery, rcpts: list[str], reply: Reply) -> None:
-        self._record(Delivered(d.id, rcpts, self.now(), reply))
+    def delivered(self, d: Delivery, rcpts: list[str], reply: Reply, via=None) -> None:
+        now = self.now()
+        self._record(Delivered(d.id, rcpts, now, reply))
         self.counts["delivered"] += len(rcpts)
+        self._outcome("delivered", d, rcpts, now, reply, "", via, attempts=d.attempts + 1)
         self._done(d, rcpts)
 
-    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "permanent_other") -> None:
+    def bounced(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "permanent_other",
+                via=None) -> None:
         now = self.now()
         self._record(Bounced(d.id, rcpts, now, reply, category))
         self.counts["bounced"] += len(rcpts)
+        self._outcome("bounced", d, rcpts, now, reply, category, via, attempts=d.attempts + 1)
         log.info("bounced %s to %s (%s): %s", d.id, ",".join(rcpts), category, reply)
         if self.suppression is not None and category in SUPPRESSING_CATEGORIES:
             for r in rcpts:
@@ -521,7 +578,8 @@ class Engine:
         except (UsageError, SpoolFull) as e:
             log.warning("no non-delivery report for %s to %s: %s", d.id, d.sender, e)
 
-    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "transient_other") -> Delivery | None:
+    def deferred(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "transient_other",
+                 via=None) -> Delivery | None:
         """Journal a deferral of ``rcpts``; returns the delivery to retry, or None if it expired.
 
         A greylisted delivery comes back after ``GREYLIST_RETRY`` (the greylisting servers'
@@ -534,6 +592,9 @@ class Engine:
         if now >= expires:
             self._record(Expired(d.id, rcpts, now, reply))
             self.counts["expired"] += len(rcpts)
+            # Given up: "expired" after replies from a remote host, "failed" when none ever answered.
+            self._outcome("failed" if category == "connection_failure" else "expired", d, rcpts, now, reply,
+                          category, via, attempts=attempts)
             log.info("expired %s to %s after %d attempts: %s", d.id, ",".join(rcpts), attempts, reply)
             self._report_failure(d, rcpts, reply)
             self._done(d, rcpts)
@@ -545,6 +606,7 @@ class Engine:
         next_at = min(now + wait, expires)
         self._record(Deferred(d.id, rcpts, now, next_at, attempts, reply, category))
         self.counts["deferred"] += len(rcpts)
+        self._outcome("deferred", d, rcpts, now, reply, category, via, attempts=attempts, next_at=next_at)
         if len(rcpts) == len(d.rcpts):
             d.attempts, d.next_at = attempts, next_at
             return d
@@ -588,7 +650,7 @@ class Engine:
             head = self.journal.read(seg, parts[0].offset, parts[0].length)
             rec = Accepted(id=msg_id, sender=head.sender, rcpts=[r for p in parts for r in p.rcpts],
                            received_at=parts[0].received_at, body=head.body, customer=head.customer,
-                           message_type=head.message_type,
+                           message_type=head.message_type, tags=head.tags,
                            attempts=max(p.attempts for p in parts), next_at=max(p.next_at for p in parts))
             moves.append((msg_id, self.journal.append(rec)))
             if len(moves) % 500 == 0:

@@ -32,6 +32,7 @@ import re
 import secrets
 import time
 from datetime import datetime, timezone
+from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -42,7 +43,7 @@ import msgspec
 
 from .errors import UsageError
 
-__all__ = ["MimeError", "Built", "parse_address", "build_message", "MAX_RECIPIENTS"]
+__all__ = ["MimeError", "Built", "parse_address", "build_message", "summary", "MAX_RECIPIENTS"]
 
 MAX_RECIPIENTS = 50
 """Most addresses one of ``to``, ``cc``, ``bcc`` may hold (Resend's limit for ``to``)."""
@@ -90,6 +91,7 @@ class Built(msgspec.Struct, frozen=True):
     message: bytes       # CRLF line endings, no Bcc header
     message_id: str      # without the angle brackets
     smtputf8: bool       # an address has a non-ASCII local part: needs the SMTPUTF8 extension
+    tags: dict[str, str] = {}
 
 
 def _show(field: str) -> str:
@@ -502,9 +504,7 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
             raise MimeError(key, f"{key} is not supported")
         if key not in _USED and key not in _IGNORED:
             raise MimeError(key, "is not a known field")
-    tags = payload.get("tags")
-    if tags is not None and not isinstance(tags, list):
-        raise MimeError("tags", f"must be an array, not {_json_type(tags)}")
+    tags = _tags(payload.get("tags"))
 
     sender = payload.get("from")
     if sender is None:
@@ -558,7 +558,52 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
             seen.add(address.lower())
             rcpts.append(address)
     return Built(sender=from_[1], rcpts=rcpts, message=raw, message_id=message_id,
-                 smtputf8=smtputf8)
+                 smtputf8=smtputf8, tags=tags)
+
+
+_TAG = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def _tags(value: object) -> dict[str, str]:
+    """Resend's ``tags``: ``[{"name": ..., "value": ...}]``, each of ASCII letters, digits,
+    underscores and dashes, at most 256 characters."""
+    if value is None:
+        return {}
+    if not isinstance(value, list):
+        raise MimeError("tags", f"must be an array, not {_json_type(value)}")
+    out: dict[str, str] = {}
+    for i, tag in enumerate(value):
+        if not isinstance(tag, dict) or set(tag) - {"name", "value"} or "name" not in tag:
+            raise MimeError(f"tags[{i}]", "must be an object with a name and a value")
+        for part in ("name", "value"):
+            v = tag.get(part, "")
+            if not isinstance(v, str) or not _TAG.fullmatch(v):
+                raise MimeError(f"tags[{i}].{part}", "must be 1 to 256 ASCII letters, digits, underscores or dashes")
+        out[tag["name"]] = tag["value"]
+    return out
+
+
+_SUMMARY = re.compile(rb"^(from|subject|to):[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+
+
+def summary(message: bytes) -> dict[str, str]:
+    """The From, To and Subject header fields of ``message`` (unfolded, RFC 2047 words
+    decoded), for events and status queries; a field that is missing is left out."""
+    end = message.find(b"\r\n\r\n")
+    head = message[:end if end >= 0 else 64 * 1024]
+    out: dict[str, str] = {}
+    for m in _SUMMARY.finditer(head):
+        name = m.group(1).decode().lower()
+        if name in out:
+            continue
+        value = re.sub(rb"\r?\n(?=[ \t])", b"", m.group(2)).strip().decode("utf-8", "replace")
+        if "=?" in value:
+            try:
+                value = str(make_header(decode_header(value)))
+            except (ValueError, LookupError):
+                pass
+        out[name] = value
+    return out
 
 
 _stdlib_only = False        # tests set it to compare the two writers

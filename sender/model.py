@@ -70,6 +70,7 @@ class Accepted(Rec):
     attempts: int = 0
     next_at: float = 0.0
     message_type: str = ""          # e.g. "transactional": sets the priority (shaping.priority)
+    tags: dict[str, str] = {}       # the HTTP API's tags: told back in webhooks
 
 
 class Delivered(Rec):

@@ -1,0 +1,175 @@
+"""Events: each change in a message's life as one typed record, for people and programs.
+
+An :class:`Event` says when, what (``accepted``, ``scheduled``, ``delivered``, ``deferred``,
+``bounced``, ``expired``, ``suppressed``, ``canceled``, ``rescheduled``, ``complained``),
+which message and customer, where it went (recipient domain, provider, site, source address)
+and what the remote host said (reply and category). :class:`EventLog` writes them as JSON lines
+to ``events/YYYY-MM-DDTHH.jsonl``, one file per UTC hour, deletes files past the retention,
+keeps the most recent in memory, and hands each to its subscribers (webhooks, the API's email
+status) as it happens.
+
+The journal is the queue's truth; events are its account. They are flushed to the file every
+quarter of a second without fsync: a crash of the machine may lose that last moment of the
+account, never a message. Lines are encoded by msgspec straight from the Struct (one pass, the
+same speed as orjson on a dict, without building the dict).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import trio
+
+__all__ = ["Event", "EventLog", "event_files", "read_events"]
+
+log = logging.getLogger("sender.events")
+
+FLUSH_EVERY = 0.25      # seconds between writes of buffered events
+SUFFIX = ".jsonl"
+
+
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
+    time: float                         # wall-clock seconds
+    event: str
+    id: str = ""                        # message id
+    customer: str = ""
+    rcpts: list[str] = msgspec.field(default_factory=list)
+    domain: str = ""                    # recipient domain
+    provider: str = ""
+    site: str = ""                      # the MX set or relay it went to
+    source: str = ""                    # the local address it left from
+    message_type: str = ""
+    reply: str = ""                     # "550 5.1.1 text"
+    category: str = ""                  # classify.CATEGORIES
+    attempts: int = 0
+    next_at: float = 0.0                # deferred, scheduled, rescheduled: when it goes next
+    detail: dict[str, object] = msgspec.field(default_factory=dict)
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(Event).decode
+
+
+def file_name(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H", time.gmtime(t)) + SUFFIX
+
+
+def event_files(folder: str | os.PathLike) -> list[Path]:
+    """The event files in ``folder``, oldest first (their names sort by time)."""
+    try:
+        return sorted(p for p in Path(folder).iterdir() if p.name.endswith(SUFFIX))
+    except FileNotFoundError:
+        return []
+
+
+def read_events(files: list[Path]) -> Iterator[Event]:
+    """Every event in ``files``, in order; a line that does not decode (a torn last line
+    after a crash) is skipped."""
+    for path in files:
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    yield _decode(line)
+                except msgspec.DecodeError:
+                    continue
+
+
+class EventLog:
+    """Events to files, to memory and to subscribers.
+
+    Args:
+      folder: where the hourly files go (created when the first event is written).
+      retention: seconds a file is kept after its hour.
+      recent: how many events :attr:`recent` holds.
+      now: the wall clock that names the hourly files (the engine's, so a simulation's
+        virtual days get their own files).
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, retention: float = 7 * 86400.0, recent: int = 10_000,
+                 now: Callable[[], float] = time.time) -> None:
+        self.folder = Path(folder)
+        self.now = now
+        self.retention = retention
+        self.recent: collections.deque[Event] = collections.deque(maxlen=recent)
+        self.subscribers: list[Callable[[Event], None]] = []
+        self.written = 0
+        self._buf = bytearray()
+        self._name = ""
+        self._file = None
+        self._pending = trio.Event()
+        self._pruned_hour = -1
+
+    def emit(self, ev: Event) -> None:
+        """Record ``ev``; never awaits. A subscriber that fails is logged, not propagated:
+        the delivery that made the event goes on."""
+        self.recent.append(ev)
+        self._buf += _encode(ev)
+        self._buf += b"\n"
+        if not self._pending.is_set():
+            self._pending.set()
+        for fn in self.subscribers:
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("event subscriber %r failed on %s of %s", fn, ev.event, ev.id)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Write buffered events every FLUSH_EVERY seconds (asleep while there are none)
+        until cancelled, then write what is left."""
+        task_status.started()
+        try:
+            while True:
+                await self._pending.wait()
+                await trio.sleep(FLUSH_EVERY)
+                self._pending = trio.Event()
+                self.flush()
+        finally:
+            self.close()
+
+    def flush(self) -> None:
+        """Append the buffered events to the current hour's file."""
+        if not self._buf:
+            return
+        now = self.now()
+        name = file_name(now)
+        if name != self._name:
+            self._open(name, now)
+        try:
+            self._file.write(self._buf)
+            self._file.flush()
+        except OSError as e:
+            log.error("events: cannot write %s: %s (%d bytes of events dropped)", self._name, e, len(self._buf))
+        self.written += self._buf.count(b"\n")
+        del self._buf[:]
+
+    def _open(self, name: str, now: float) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._name = name
+        self._file = open(self.folder / name, "ab")
+        hour = int(now // 3600)
+        if hour != self._pruned_hour:
+            self._pruned_hour = hour
+            self.prune(now)
+
+    def prune(self, now: float) -> None:
+        """Delete files whose hour ended more than ``retention`` ago."""
+        oldest = file_name(now - self.retention)
+        for path in event_files(self.folder):
+            if path.name >= oldest:
+                break
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._name = ""
