@@ -29,7 +29,7 @@ from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
 from .events import Event, EventLog
 from .mime import summary
-from .status import EmailStatus
+from .status import Email, EmailStatus
 from .ndr import build_report, wants_report
 from .idempotency import IdempotencyStore
 from .suppression import SUPPRESSING_CATEGORIES, Entry, SuppressionList
@@ -163,6 +163,7 @@ class Engine:
                                now=self.now)
         self.emails = EmailStatus(ev.email_status)
         self.signer = None
+        self.webhooks = None
         self.events.subscribers.append(self.emails.observe)
         self._nursery: trio.Nursery | None = None
         self._drained = trio.Event()
@@ -445,6 +446,25 @@ class Engine:
         takes effect for mail already queued)."""
         body = self.body(d)
         return body if self.signer is None else self.signer.sign(body, self.now())
+
+    def email(self, msg_id: str) -> Email | None:
+        """A message's summary and last event: from the event log's account of recent
+        messages, or, for an older one still queued, from its journal record."""
+        email = self.emails.get(msg_id)
+        if email is not None:
+            return email
+        entry = self._live.get(msg_id)
+        if entry is None:
+            return None
+        parts = entry if isinstance(entry, list) else [entry]
+        head = self.journal.read(parts[0].segment, parts[0].offset, parts[0].length)
+        fields = summary(head.body)
+        now = self.now()
+        waiting = all(p.attempts == 0 and p.next_at > now for p in parts)
+        last = "scheduled" if waiting else "delivery_delayed" if any(p.attempts for p in parts) else "queued"
+        return Email(msg_id, head.customer, _id_time(msg_id) / 1e6, fields.get("from", ""),
+                     [r for p in parts for r in p.rcpts], fields.get("subject", ""), last,
+                     parts[0].next_at if waiting else 0.0, dict(head.tags))
 
     def _emit(self, ev: Event) -> None:
         self.events.emit(ev)

@@ -176,6 +176,7 @@ class Journal:
         self._buf = bytearray()
         self._dirty = False
         self._to_sync: dict[int, bool] = {}     # fd -> close it once synced (sealed segment)
+        self._side: dict[int, int] = {}         # a side log's fd -> our dup of it, for the next batch
         self._batch_done = trio.Event()
         self._appended = trio.Event()         # set by the first append after a batch
         self._urgent = trio.Event()           # set by commit() and wait_durable()
@@ -370,6 +371,16 @@ class Journal:
         self._current += 1
         self._open_current()
 
+    def sync_with(self, fd: int) -> None:
+        """fsync ``fd`` (a side log, such as the webhook outbox) first in the next batch, so
+        that what was written there before a record is durable no later than that record.
+        The journal syncs a duplicate of ``fd``: its owner may close it meanwhile."""
+        if self._closed or fd in self._side:
+            return
+        self._side[fd] = os.dup(fd)
+        if not self._dirty:
+            self._appended.set()
+
     async def commit(self, rec: Rec) -> Location:
         """Append ``rec`` and wait until it is durable under the fsync policy."""
         loc = self.append(rec)
@@ -399,7 +410,7 @@ class Journal:
             while True:
                 # At once for a waiter; records nobody waits for get up to LAZY_SYNC.
                 while not self._urgent.is_set():
-                    if self._dirty or self._to_sync:
+                    if self._dirty or self._to_sync or self._side:
                         with trio.move_on_after(LAZY_SYNC):     # once per batch, not per record
                             await self._urgent.wait()
                         break
@@ -408,7 +419,9 @@ class Journal:
                 if self.batch_window:
                     await trio.sleep(self.batch_window)
                 self._urgent = trio.Event()
-                fds, self._to_sync = self._to_sync, {}
+                fds = dict.fromkeys(self._side.values(), True)     # side logs first
+                fds.update(self._to_sync)
+                self._side, self._to_sync = {}, {}
                 if self._dirty:
                     fds.setdefault(self._fd, False)
                     self._dirty = False
@@ -467,7 +480,9 @@ class Journal:
         if self._closed:
             return
         self._closed = True
-        fds = dict(self._to_sync)
+        fds = dict.fromkeys(self._side.values(), True)
+        fds.update(self._to_sync)
+        self._side = {}
         if self._fd >= 0:
             fds[self._fd] = True
         try:

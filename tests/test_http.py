@@ -22,6 +22,7 @@ from sender.sink import Sink, load_rules
 
 BOUND = 5.0  # seconds; every wait on the network is bounded by this
 KEY = "re_acme_test_key"
+ADMIN = "adm_test_key"
 
 
 class BodySink(Sink):
@@ -47,6 +48,10 @@ class Env:
             while len(self.sink.received) < n:
                 await trio.sleep(0.01)
 
+    async def get(self, path: str, *, key: str | None = KEY) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        return await trio.to_thread.run_sync(lambda: httpx.get(self.url + path, headers=headers, timeout=BOUND))
+
     async def post(self, path: str, body: object, *, key: str | None = KEY, headers: dict | None = None,
                    **kw) -> httpx.Response:
         headers = {**({"Authorization": f"Bearer {key}"} if key is not None else {}), **(headers or {})}
@@ -55,19 +60,19 @@ class Env:
 
 
 @asynccontextmanager
-async def running(tmp_path, *, spool=None, acme=None):
+async def running(tmp_path, *, spool=None, acme=None, rules=""):
     """Sink + Engine + HTTP API on 127.0.0.1 free ports, the SDK pointed at it; all cancelled
     and the SDK's settings restored on exit."""
-    sink = BodySink(load_rules(""))
+    sink = BodySink(load_rules(rules))
     saved = resend.api_url, resend.api_key
     async with trio.open_nursery() as nursery:
         sink_host, sink_port = await nursery.start(sink.run, "127.0.0.1:0")
         config = parse_config({
             "spool": {"path": str(tmp_path / "spool"), "fsync": "batch", **(spool or {})},
-            "listen": {"smtp": ""},
             "delivery": {"starttls": "never", "retry_interval": 60},
             "route": [{"match": "*", "relay": f"{sink_host}:{sink_port}"}],
             "customer": [{"id": "acme", "api_keys": [KEY], **(acme or {})}, {"id": "other", "api_keys": ["re_other"]}],
+            "listen": {"smtp": "", "admin_keys": [ADMIN]},
         })
         engine = await nursery.start(Engine(config).run)
         with trio.fail_after(BOUND):
@@ -126,12 +131,14 @@ async def test_batch_of_three_through_the_sdk(tmp_path):
         assert got == [(f"u{i}@y.test", f"n{i}") for i in range(3)]
 
 
-async def test_wrong_key_is_403_and_nothing_is_queued(tmp_path):
+async def test_wrong_key_is_401_and_nothing_is_queued(tmp_path):
     async with running(tmp_path) as env:
         resend.api_key = "re_wrong"
         with pytest.raises(resend.exceptions.ResendError) as e:
             await sdk(resend.Emails.send, email())
-        assert str(e.value.code) == "403" and e.value.error_type == "invalid_api_key"
+        assert str(e.value.code) == "401" and e.value.error_type == "invalid_api_key"
+        r = await env.post("/emails", email(), key="re_acme_test_kez")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
         assert env.engine.counts["accepted"] == 0
 
 
@@ -359,3 +366,55 @@ async def test_a_scheduled_email_can_be_moved_or_canceled_by_its_customer_only(t
         assert env.engine.counts["canceled"] == 1
     async with running(tmp_path) as env:                                  # and after a restart
         assert env.engine._live == {}
+
+
+async def test_get_tells_the_last_event_to_its_customer_only_and_after_a_restart(tmp_path):
+    async with running(tmp_path) as env:
+        sent = await sdk(resend.Emails.send, email(subject="Status") | {"tags": [{"name": "kind", "value": "welcome"}]})
+        later = await sdk(resend.Emails.send, email("later@y.test") | {"scheduled_at": "in 1 hour"})
+        await env.wait_received(1)
+        with trio.fail_after(BOUND):
+            while (got := await sdk(resend.Emails.get, sent["id"]))["last_event"] != "delivered":
+                await trio.sleep(0.02)
+        assert got["object"] == "email" and got["id"] == sent["id"]
+        assert (got["from"], got["to"], got["subject"]) == ("App <app@x.test>", ["user@y.test"], "Status")
+        assert got["tags"] == [{"name": "kind", "value": "welcome"}] and got["scheduled_at"] is None
+        assert got["created_at"].endswith("+00:00")
+        scheduled = await sdk(resend.Emails.get, later["id"])
+        assert scheduled["last_event"] == "scheduled" and scheduled["scheduled_at"]
+        await sdk(resend.Emails.cancel, later["id"])
+        assert (await sdk(resend.Emails.get, later["id"]))["last_event"] == "canceled"
+        # Another customer's key: not found, like an id that does not exist.
+        r = await env.get(f"/emails/{sent['id']}", key="re_other")
+        assert r.status_code == 404 and r.json()["name"] == "not_found"
+        assert (await env.get("/emails/0000000000000000F")).status_code == 404
+    async with running(tmp_path) as env:
+        assert (await sdk(resend.Emails.get, sent["id"]))["last_event"] == "delivered"
+        assert (await sdk(resend.Emails.get, later["id"]))["last_event"] == "canceled"
+
+
+async def test_a_deferred_email_is_delivery_delayed(tmp_path):
+    async with running(tmp_path, rules='[[rule]]\nmatch = "*"\naction = "defer"\n') as env:
+        sent = await sdk(resend.Emails.send, email())
+        with trio.fail_after(BOUND):
+            while (await sdk(resend.Emails.get, sent["id"]))["last_event"] != "delivery_delayed":
+                await trio.sleep(0.02)
+
+
+async def test_admin_keys_alone_reach_the_admin_endpoints(tmp_path):
+    async with running(tmp_path) as env:
+        sent = await sdk(resend.Emails.send, email())
+        for key in (KEY, "re_other", "nope", None):
+            r = await env.get("/admin/stats", key=key)
+            assert r.status_code == 401, key
+            assert r.json()["name"] == ("missing_api_key" if key is None else "invalid_api_key")
+        stats = (await env.get("/admin/stats", key=ADMIN)).json()
+        assert stats["accepted"] == 1
+        r = await env.get(f"/admin/emails/{sent['id']}", key=ADMIN)
+        assert r.status_code == 200 and r.json()["customer"] == "acme"
+        events = (await env.get("/admin/events?limit=10", key=ADMIN)).json()
+        assert [e["event"] for e in events][:1] == ["accepted"] and events[0]["id"] == sent["id"]
+        assert (await env.get("/admin/webhooks/dead", key=ADMIN)).json() == {"data": []}
+        # An admin key sends no mail.
+        r = await env.post("/emails", email(), key=ADMIN)
+        assert r.status_code == 401 and env.engine.counts["accepted"] == 1

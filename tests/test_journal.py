@@ -248,3 +248,28 @@ def test_records_written_before_fields_were_appended_still_decode():
     rec = _decoder.decode(old)
     assert isinstance(rec, Accepted) and rec.body == b"body"
     assert (rec.customer, rec.attempts, rec.next_at) == ("", 0, 0.0)
+
+
+async def test_a_side_log_is_synced_first_in_the_next_batch_even_if_its_owner_closed_it(tmp_path, monkeypatch):
+    import sender.journal as journal_mod
+    synced: list[list[int]] = []
+    real_start = journal_mod.Syncer.start
+
+    def start(self, fds):
+        synced.append([os.readlink(f"/proc/self/fd/{fd}") for fd in fds])
+        real_start(self, fds)
+
+    monkeypatch.setattr(journal_mod.Syncer, "start", start)
+    j = Journal(tmp_path / "spool")
+    side = tmp_path / "side.log"
+    fd = os.open(side, os.O_WRONLY | os.O_CREAT, 0o600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(j.run)
+        os.write(fd, b"hook")
+        j.sync_with(fd)
+        j.sync_with(fd)                 # once per batch
+        os.close(fd)                    # the journal holds its own duplicate
+        await j.commit(Accepted(id="a", sender="s@x.test", rcpts=["r@y.test"], received_at=0.0, body=b"x"))
+        nursery.cancel_scope.cancel()
+    assert synced and synced[0][0] == str(side) and synced[0].count(str(side)) == 1
+    assert any(p.endswith(".seg") for p in synced[0][1:])

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import hypercorn.config
 import hypercorn.trio
+import msgspec
 import orjson
 import trio
 from starlette.applications import Starlette
@@ -36,6 +37,7 @@ from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
+from ..status import Email
 
 __all__ = ["ApiError", "create_app", "serve_http"]
 
@@ -63,29 +65,54 @@ def _error(e: ApiError) -> Response:
     return _json(e.status, {"statusCode": e.status, "name": e.name, "message": e.message}, e.headers)
 
 
+_ADMIN = object()                   # the owner of an admin key
+
+
 class _Keys:
-    """API key -> customer id. Every lookup compares against every key in constant time, so
-    neither the answer's timing nor its content tells how much of a key was right."""
+    """API key -> customer id, or admin. Every lookup compares against every key in constant
+    time, so neither the answer's timing nor its content tells how much of a key was right.
+    A wrong key is 401 (RFC 9110: the credentials are not valid; Resend itself says 403), and
+    so is a key of the wrong kind: customers' keys do not reach /admin, admin keys send no mail."""
 
     def __init__(self, config: Config) -> None:
-        self._keys = [(key.encode(), c.id) for c in config.customer for key in c.api_keys]
+        self._keys: list[tuple[bytes, object]] = [(key.encode(), c.id) for c in config.customer
+                                                  for key in c.api_keys]
+        self._keys += [(key.encode(), _ADMIN) for key in config.listen.admin_keys]
 
-    def customer(self, request: Request) -> str:
+    def _owner(self, request: Request) -> object:
         auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise ApiError(401, "missing_api_key", "Missing API key in the authorization header. "
                                                    "Include the following header in the request: "
-                                                   "Authorization: Bearer YOUR_API_KEY")
+                                                   "Authorization: Bearer YOUR_API_KEY", headers=_CHALLENGE)
         given = key.encode("utf-8", "surrogateescape")
         found = None
-        for known, customer in self._keys:
+        for known, owner in self._keys:
             if hmac.compare_digest(given, known):
-                found = customer
+                found = owner
         if found is None:
-            raise ApiError(403, "invalid_api_key", "API key is invalid")
+            raise _invalid_key("API key is invalid")
         return found
+
+    def customer(self, request: Request) -> str:
+        owner = self._owner(request)
+        if owner is _ADMIN:
+            raise _invalid_key("An admin key reaches only the /admin endpoints")
+        assert isinstance(owner, str)
+        return owner
+
+    def admin(self, request: Request) -> None:
+        if self._owner(request) is not _ADMIN:
+            raise _invalid_key("The /admin endpoints need an admin key (listen.admin_keys)")
+
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def _invalid_key(message: str) -> ApiError:
+    return ApiError(401, "invalid_api_key", message, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
 async def _read_json(request: Request, limit: int) -> object:
@@ -222,7 +249,7 @@ def create_app(engine: Engine) -> Starlette:
     async def submit(built: Built, customer: str, not_before: float = 0.0) -> str:
         try:
             return await engine.submit(built.sender, built.rcpts, built.message, customer=customer,
-                                       not_before=not_before)
+                                       not_before=not_before, tags=built.tags)
         except SpoolFull:
             raise _spool_full() from None
         except Suppressed as e:
@@ -298,6 +325,47 @@ def create_app(engine: Engine) -> Starlette:
             await engine.reschedule(msg_id, customer, when)
         return _json(200, {"object": "email", "id": msg_id})
 
+    async def get_email(request: Request, customer: str) -> Response:
+        email = engine.email(request.path_params["id"])
+        if email is None or email.customer != customer:
+            raise ApiError(404, "not_found", "Email not found")
+        return _json(200, _email_body(email))
+
+    async def admin_get_email(request: Request) -> Response:
+        email = engine.email(request.path_params["id"])
+        if email is None:
+            raise ApiError(404, "not_found", "Email not found")
+        return _json(200, {**_email_body(email), "customer": email.customer})
+
+    async def admin_stats(request: Request) -> Response:
+        return _json(200, msgspec.to_builtins(engine.statistics()))
+
+    async def admin_events(request: Request) -> Response:
+        try:
+            limit = int(request.query_params.get("limit", "100"))
+        except ValueError:
+            raise _validation("limit: expected a whole number") from None
+        recent = list(engine.events.recent)[-max(0, min(limit, len(engine.events.recent))):] if limit else []
+        return Response(b"[" + b",".join(map(_encode_event, recent)) + b"]", media_type="application/json")
+
+    async def admin_dead_letters(request: Request) -> Response:
+        hooks = engine.webhooks
+        dead = [] if hooks is None else hooks.dead_letters()
+        return _json(200, {"data": [{**msgspec.to_builtins(d), "body": _text(d.body)} for d in dead]})
+
+    async def admin_retry_dead(request: Request) -> Response:
+        hook_id = request.path_params["id"]
+        if engine.webhooks is None or not engine.webhooks.retry_dead(hook_id):
+            raise ApiError(404, "not_found", f"no dead letter {hook_id!r}")
+        return _json(200, {"id": hook_id, "retried": True})
+
+    def admin_endpoint(endpoint: Callable[[Request], Awaitable[Response]]):
+        async def call(request: Request) -> Response:
+            keys.admin(request)
+            return await endpoint(request)
+
+        return _answering(call)
+
     def customer_endpoint(endpoint: Callable[[Request, str], Awaitable[Response]]):
         """Authenticate, take a request token, and put the rate-limit headers on the answer."""
 
@@ -327,7 +395,7 @@ def create_app(engine: Engine) -> Starlette:
                 suppressed = engine.suppressed(customer, built.rcpts, now)
                 if len(suppressed) == len(built.rcpts):
                     raise _validation(f"[{i}].to: {Suppressed(suppressed)}")
-                checked.append(Submission(built.sender, built.rcpts, built.message, customer, "", when))
+                checked.append(Submission(built.sender, built.rcpts, built.message, customer, "", when, built.tags))
             except ApiError as e:
                 if mode == "strict":
                     raise                   # every email is checked before any is queued
@@ -365,9 +433,36 @@ def create_app(engine: Engine) -> Starlette:
         routes=[Route("/emails", customer_endpoint(send_email), methods=["POST"]),
                 Route("/emails/batch", customer_endpoint(send_batch), methods=["POST"]),
                 Route("/emails/{id}/cancel", customer_endpoint(cancel_email), methods=["POST"]),
-                Route("/emails/{id}", customer_endpoint(update_email), methods=["PATCH"])],
+                Route("/emails/{id}", customer_endpoint(update_email), methods=["PATCH"]),
+                Route("/emails/{id}", customer_endpoint(get_email), methods=["GET"]),
+                Route("/admin/emails/{id}", admin_endpoint(admin_get_email), methods=["GET"]),
+                Route("/admin/stats", admin_endpoint(admin_stats), methods=["GET"]),
+                Route("/admin/events", admin_endpoint(admin_events), methods=["GET"]),
+                Route("/admin/webhooks/dead", admin_endpoint(admin_dead_letters), methods=["GET"]),
+                Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"])],
         exception_handlers={HTTPException: on_http_error},
     )
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+
+
+def _email_body(email: Email) -> dict:
+    """Resend's email object. The message's content is not kept after it is queued: html and
+    text are null, as Resend's are once its retention has passed."""
+    return {"object": "email", "id": email.id, "to": email.to, "from": email.sender,
+            "created_at": _iso(email.created_at), "subject": email.subject, "html": None, "text": None,
+            "bcc": None, "cc": None, "reply_to": None, "last_event": email.last_event,
+            "scheduled_at": _iso(email.scheduled_at) if email.scheduled_at else None,
+            "tags": [{"name": k, "value": v} for k, v in email.tags.items()]}
+
+
+_encode_event = msgspec.json.Encoder().encode
+
+
+def _text(body: bytes | str) -> str:
+    return body if isinstance(body, str) else body.decode("utf-8", "replace")
 
 
 @contextlib.contextmanager
