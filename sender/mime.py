@@ -114,7 +114,24 @@ def _check_header_text(value: str, field: str) -> None:
         raise MimeError(field, "contains a control character")
 
 
+_CACHE_MAX = 10_000         # addresses and domains recur from message to message: parse each once
+_ascii_domains: dict[str, str] = {}
+_parsed: dict[str, tuple[str, str, str]] = {}
+
+
+def _remember(cache: dict, key: str, value):
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _domain_to_ascii(domain: str, field: str) -> str:
+    hit = _ascii_domains.get(domain)
+    return hit if hit is not None else _remember(_ascii_domains, domain, _to_ascii(domain, field))
+
+
+def _to_ascii(domain: str, field: str) -> str:
     if domain.startswith("[") and domain.endswith("]"):
         literal = domain[1:-1]
         try:
@@ -172,6 +189,11 @@ def _parse(value: object, field: str) -> tuple[str, str, str]:
     """Returns (display name, envelope address, local part as the header should carry it)."""
     if not isinstance(value, str):
         raise MimeError(field, f"must be a string, not {_json_type(value)}")
+    hit = _parsed.get(value)
+    return hit if hit is not None else _remember(_parsed, value, _parse_text(value, field))
+
+
+def _parse_text(value: str, field: str) -> tuple[str, str, str]:
     _check_header_text(value, field)
     value = value.strip()
     if not value:
@@ -583,26 +605,31 @@ def _tags(value: object) -> dict[str, str]:
     return out
 
 
-_SUMMARY = re.compile(rb"^(from|subject|to):[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+_SUMMARY_FIELDS = {b"from": "from", b"subject": "subject", b"to": "to"}
 
 
 def summary(message: bytes) -> dict[str, str]:
     """The From, To and Subject header fields of ``message`` (unfolded, RFC 2047 words
     decoded), for events and status queries; a field that is missing is left out."""
     end = message.find(b"\r\n\r\n")
-    head = message[:end if end >= 0 else 64 * 1024]
+    lines = message[:end if end >= 0 else 64 * 1024].split(b"\r\n")
     out: dict[str, str] = {}
-    for m in _SUMMARY.finditer(head):
-        name = m.group(1).decode().lower()
-        if name in out:
+    for i, line in enumerate(lines):
+        name, colon, value = line.partition(b":")
+        field = _SUMMARY_FIELDS.get(name.lower()) if colon else None
+        if field is None or field in out:
             continue
-        value = re.sub(rb"\r?\n(?=[ \t])", b"", m.group(2)).strip().decode("utf-8", "replace")
-        if "=?" in value:
+        for more in lines[i + 1:]:
+            if more[:1] not in (b" ", b"\t"):
+                break
+            value += more
+        text = value.strip().decode("utf-8", "replace")
+        if "=?" in text:
             try:
-                value = str(make_header(decode_header(value)))
+                text = str(make_header(decode_header(text)))
             except (ValueError, LookupError):
                 pass
-        out[name] = value
+        out[field] = text
     return out
 
 
