@@ -1,4 +1,5 @@
-"""The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, simulate, demo.
+"""The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, dkim, webhooks,
+simulate, demo.
 
 Each subcommand parses its flags, builds the same objects the Python API uses, and reports
 bad input as one line naming the flag or config key, with exit status 2.
@@ -109,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     eg = sub.add_parser("egress", help="warmup counts, adaptive rates and automation actions in force (JSON)")
     eg.add_argument("--spool", required=True, help="the daemon's spool directory")
+
+    dk = sub.add_parser("dkim", help="make a DKIM key: writes the private key, prints the DNS record to publish")
+    dk.add_argument("action", choices=("keygen",))
+    dk.add_argument("--domain", required=True, help="the signing domain (d=), e.g. example.com")
+    dk.add_argument("--selector", required=True, help="the selector (s=), e.g. s2026")
+    dk.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    dk.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048, help="RSA key size")
+    dk.add_argument("--out", required=True, help="the private key file to write (PEM, mode 0600; must not exist)")
+
+    wh = sub.add_parser("webhooks", help="webhooks waiting to be sent and the dead-letter list (JSON lines)")
+    wh.add_argument("--spool", required=True, help="the daemon's spool directory")
 
     sim = sub.add_parser("simulate", help="run a warmup plan against simulated providers on a virtual clock")
     sim.add_argument("--config", required=True, help="TOML config with a [simulation] table")
@@ -326,6 +338,52 @@ def _cmd_egress(args) -> int:
     return 0
 
 
+def _cmd_dkim(args) -> int:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if args.algorithm == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
+        public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"--out: {args.out} exists; not overwriting a key") from None
+    except OSError as e:
+        raise ConfigError(f"--out: cannot create {args.out}: {e.strerror}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    value = f"v=DKIM1; k={args.algorithm}; p={base64.b64encode(public).decode()}"
+    # TXT character strings hold at most 255 octets each.
+    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    print(f"; publish in DNS:\n{args.selector}._domainkey.{args.domain}. IN TXT {chunks}\n")
+    print(f'; and in the config:\n[[dkim]]\ndomain = "{args.domain}"\nselector = "{args.selector}"\n'
+          f'key_file = "{os.path.abspath(args.out)}"')
+    return 0
+
+
+def _cmd_webhooks(args) -> int:
+    from .daemon import spool_dirs
+    from .webhooks import read_outbox
+
+    if not os.path.isdir(args.spool):
+        raise ConfigError(f"--spool: no such directory: {args.spool}")
+    for d in spool_dirs(args.spool):
+        pending, dead = read_outbox(d / "webhooks.log")
+        print(orjson.dumps({"spool": str(d), "pending": pending, "dead": len(dead)}).decode())
+        for letter in dead:
+            print(orjson.dumps({"dead_letter": msgspec.to_builtins(letter)}).decode())
+    return 0
+
+
 def _cmd_simulate(args) -> int:
     from .simulate import simulate
 
@@ -343,7 +401,7 @@ def _cmd_demo(args) -> int:
 
 _COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "classify": _cmd_classify,
              "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo, "simulate": _cmd_simulate,
-             "egress": _cmd_egress}
+             "egress": _cmd_egress, "dkim": _cmd_dkim, "webhooks": _cmd_webhooks}
 
 if __name__ == "__main__":
     sys.exit(main())

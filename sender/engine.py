@@ -11,6 +11,7 @@ A trio program embeds ``sender`` by running an Engine in its own nursery and sub
 
 from __future__ import annotations
 
+import datetime
 import functools
 import ipaddress
 import logging
@@ -23,11 +24,13 @@ from pathlib import Path
 import msgspec
 import trio
 
-from .config import Config
+from .config import Config, ConfigError
 from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
+from .dkim import DkimError, Signer
 from .events import Event, EventLog
+from .webhooks import Webhooks
 from .mime import summary
 from .status import Email, EmailStatus
 from .ndr import build_report, wants_report
@@ -162,8 +165,12 @@ class Engine:
         self.events = EventLog(ev.path or Path(sp.path) / "events", retention=ev.retention, recent=ev.recent,
                                now=self.now)
         self.emails = EmailStatus(ev.email_status)
-        self.signer = None
-        self.webhooks = None
+        try:
+            self.signer = Signer.from_config(config.dkim)
+        except DkimError as e:
+            raise ConfigError(str(e)) from None
+        self.webhooks = Webhooks(config.customer, config.webhooks, Path(sp.path) / "webhooks.log", self.now,
+                                 on_write=self._webhook_written) if any(c.webhook for c in config.customer) else None
         self.events.subscribers.append(self.emails.observe)
         self._nursery: trio.Nursery | None = None
         self._drained = trio.Event()
@@ -203,6 +210,8 @@ class Engine:
             if self.emails.capacity:
                 self.emails.load(self.events.folder)
             await nursery.start(self.events.run)
+            if self.webhooks is not None:
+                await nursery.start(self.webhooks.run)
             await nursery.start(self.dispatcher.run)
             now = self.now()
             for d in list(live.values()):
@@ -328,7 +337,7 @@ class Engine:
             head["tags"] = rec.tags
         self._emit(Event(time=self.now(), event="scheduled" if rec.next_at else "accepted", id=rec.id,
                          customer=rec.customer, rcpts=rec.rcpts, message_type=rec.message_type,
-                         next_at=rec.next_at, detail=head))
+                         next_at=rec.next_at, detail=head), notify=bool(rec.sender))
         self._track(Delivery(id=rec.id, sender=rec.sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
                              offset=loc.offset, length=loc.length, received_at=rec.received_at,
                              next_at=rec.next_at, customer=rec.customer, message_type=rec.message_type))
@@ -466,8 +475,45 @@ class Engine:
                      [r for p in parts for r in p.rcpts], fields.get("subject", ""), last,
                      parts[0].next_at if waiting else 0.0, dict(head.tags))
 
-    def _emit(self, ev: Event) -> None:
+    def _emit(self, ev: Event, notify: bool = True) -> None:
+        """Record ``ev``; and unless ``notify`` is off (our own non-delivery reports), tell
+        the customer's webhooks."""
         self.events.emit(ev)
+        hooks = self.webhooks
+        if notify and hooks is not None and (kind := _WEBHOOK_TYPES.get(ev.event)) and hooks.wants(ev.customer, kind):
+            hooks.emit(ev.customer, kind, self._webhook_data(ev, kind), ev.time)
+
+    def _webhook_written(self) -> None:
+        # The outbox is fsynced with the journal's next batch, before the outcome records
+        # written after it: an outcome is never durable without its webhook.
+        assert self.webhooks is not None
+        self.journal.sync_with(self.webhooks.fd)
+
+    def _webhook_data(self, ev: Event, kind: str) -> dict:
+        """The ``data`` of a Resend webhook event."""
+        email = self.email(ev.id) if ev.id else None
+        detail = ev.detail
+        data: dict = {"email_id": ev.id or None,
+                      "created_at": _iso(email.created_at if email is not None else ev.time),
+                      "from": email.sender if email is not None else str(detail.get("from", "")),
+                      "to": ev.rcpts,
+                      "subject": email.subject if email is not None else str(detail.get("subject", ""))}
+        if email is not None and email.tags:
+            data["tags"] = dict(email.tags)
+        if kind == "email.bounced":
+            data["bounce"] = {"type": "Permanent" if ev.event == "bounced" else "Transient",
+                              "subType": ev.category, "message": ev.reply}
+        elif kind == "email.delivery_delayed":
+            data["delay"] = {"attempts": ev.attempts, "next_attempt_at": _iso(ev.next_at), "message": ev.reply}
+        elif kind == "email.failed":
+            data["failed"] = {"reason": ev.reply}
+        elif kind == "email.suppressed":
+            data["suppressed"] = {"type": ev.category, "message": f"{ev.rcpts[0]} is on the suppression list"}
+        elif kind == "email.complained":
+            data["complaint"] = {"feedback_type": str(detail.get("feedback_type", "abuse"))}
+        elif kind == "email.scheduled":
+            data["scheduled_at"] = _iso(ev.next_at)
+        return data
 
     def _outcome(self, event: str, d: Delivery, rcpts: list[str], now: float, reply: Reply | None = None,
                  category: str = "", via=None, **fields) -> None:
@@ -476,7 +522,7 @@ class Engine:
                          site=via.site.key if via is not None else "",
                          source=via.source if via is not None else "",
                          message_type=d.message_type, reply=str(reply) if reply is not None else "",
-                         category=category, **fields))
+                         category=category, **fields), notify=bool(d.sender))
 
     def _record(self, rec) -> None:
         if self.journal.closed:
@@ -698,6 +744,24 @@ class Engine:
             journal=self.journal.statistics(),
             sites=self.dispatcher.statistics(),
         )
+
+
+# Event -> Resend's webhook event type.
+_WEBHOOK_TYPES = {
+    "accepted": "email.sent",
+    "scheduled": "email.scheduled",
+    "delivered": "email.delivered",
+    "deferred": "email.delivery_delayed",
+    "bounced": "email.bounced",
+    "expired": "email.bounced",
+    "failed": "email.failed",
+    "complained": "email.complained",
+    "suppressed": "email.suppressed",
+}
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _id_time(msg_id: str) -> int:

@@ -201,3 +201,53 @@ async def until(cond, step: float = 0.05) -> None:
     """Sleep in steps until ``cond()`` holds (on the autojump clock the steps cost nothing)."""
     while not cond():
         await trio.sleep(step)
+
+
+# ----------------------------------------------------------------------- webhook receiver
+
+
+class HookReceiver:
+    """A loopback HTTP endpoint for webhooks, on a real socket: keeps (headers, body) of every
+    POST and answers each with the next status of ``statuses``, then 200.
+
+    ``async with trio.open_nursery() as n: url = await n.start(receiver.run)``.
+    """
+
+    def __init__(self, statuses: list[int] | tuple[int, ...] = ()) -> None:
+        self.statuses = list(statuses)
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.answered: list[int] = []
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        task_status.started(f"http://127.0.0.1:{port}/hooks")
+        await trio.serve_listeners(self._serve, listeners)
+
+    async def _serve(self, stream) -> None:
+        import h11
+
+        conn = h11.Connection(h11.SERVER)
+        headers: dict[str, str] = {}
+        body = b""
+        async with stream:
+            with trio.move_on_after(10):
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(65536)
+                        conn.receive_data(data)
+                        if not data:
+                            return
+                    elif isinstance(event, h11.Request):
+                        headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                    elif isinstance(event, h11.EndOfMessage):
+                        break
+                status = self.statuses.pop(0) if self.statuses else 200
+                self.received.append((headers, body))
+                self.answered.append(status)
+                await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
+                    ("content-length", "2"), ("connection", "close")])) + conn.send(h11.Data(data=b"ok"))
+                    + conn.send(h11.EndOfMessage()))

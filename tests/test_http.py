@@ -7,18 +7,27 @@ autojump clock, so these run on the real clock, each wait bounded by ``trio.fail
 
 from __future__ import annotations
 
+import base64
+import re
 from contextlib import asynccontextmanager
 from email import message_from_bytes
 
+import dkim
+import dns.resolver
 import httpx
 import pytest
 import resend
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from sender.config import ConfigError, parse_config
 from sender.engine import Engine
 from sender.inject.http import serve_http
 from sender.sink import Sink, load_rules
+
+from dnsserver import DNSServer
+from helpers import HookReceiver, free_port
 
 BOUND = 5.0  # seconds; every wait on the network is bounded by this
 KEY = "re_acme_test_key"
@@ -60,7 +69,7 @@ class Env:
 
 
 @asynccontextmanager
-async def running(tmp_path, *, spool=None, acme=None, rules=""):
+async def running(tmp_path, *, spool=None, acme=None, rules="", extra=None):
     """Sink + Engine + HTTP API on 127.0.0.1 free ports, the SDK pointed at it; all cancelled
     and the SDK's settings restored on exit."""
     sink = BodySink(load_rules(rules))
@@ -73,6 +82,7 @@ async def running(tmp_path, *, spool=None, acme=None, rules=""):
             "route": [{"match": "*", "relay": f"{sink_host}:{sink_port}"}],
             "customer": [{"id": "acme", "api_keys": [KEY], **(acme or {})}, {"id": "other", "api_keys": ["re_other"]}],
             "listen": {"smtp": "", "admin_keys": [ADMIN]},
+            **(extra or {}),
         })
         engine = await nursery.start(Engine(config).run)
         with trio.fail_after(BOUND):
@@ -418,3 +428,107 @@ async def test_admin_keys_alone_reach_the_admin_endpoints(tmp_path):
         # An admin key sends no mail.
         r = await env.post("/emails", email(), key=ADMIN)
         assert r.status_code == 401 and env.engine.counts["accepted"] == 1
+
+
+SECRET = "whsec_" + base64.b64encode(b"webhook signing key 0123").decode()
+
+
+def verified(headers: dict[str, str], body: bytes) -> dict:
+    """The event, once Resend's SDK has checked its Svix signature."""
+    return resend.Webhooks.verify({"payload": body.decode(), "webhook_secret": SECRET, "headers": {
+        "id": headers["svix-id"], "timestamp": headers["svix-timestamp"], "signature": headers["svix-signature"]}})
+
+
+async def test_webhooks_arrive_signed_and_are_retried_after_two_failures(tmp_path):
+    receiver = HookReceiver([500, 503])
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(receiver.run)
+        hook = {"webhook": [{"url": url, "secret": SECRET, "events": ["email.delivered"]}]}
+        async with running(tmp_path, acme=hook, extra={"webhooks": {"retry_schedule": [0.05, 0.05, 0.05]}}) as env:
+            sent = await sdk(resend.Emails.send, email(subject="Hooked"))
+            with trio.fail_after(BOUND):
+                while 200 not in receiver.answered:
+                    await trio.sleep(0.01)
+            assert env.engine.webhooks.statistics()["pending"] == 0
+        nursery.cancel_scope.cancel()
+    assert receiver.answered == [500, 503, 200]
+    # Every attempt is the same webhook message (svix-id, bytes), each signed afresh.
+    assert len({h["svix-id"] for h, _ in receiver.received}) == 1
+    assert len({b for _, b in receiver.received}) == 1
+    event = verified(*receiver.received[-1])
+    assert event["type"] == "email.delivered" and event["created_at"].endswith("Z")
+    data = event["data"]
+    assert (data["email_id"], data["subject"], data["from"], data["to"]) == (
+        sent["id"], "Hooked", "App <app@x.test>", ["user@y.test"])
+
+
+async def test_webhooks_wait_out_a_restart(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/hooks"
+    hook = {"webhook": [{"url": url, "secret": SECRET}]}          # every event type
+    extra = {"webhooks": {"retry_schedule": [0.05] * 50}}
+    rules = '[[rule]]\nmatch = "gone@y.test"\naction = "reject"\nreply = "550 5.1.1 no such user"\n'
+    async with running(tmp_path, acme=hook, extra=extra, rules=rules) as env:
+        ok = await sdk(resend.Emails.send, email("user@y.test"))
+        gone = await sdk(resend.Emails.send, email("gone@y.test"))
+        with trio.fail_after(BOUND):            # nobody listens yet: attempts fail
+            while env.engine.webhooks.statistics()["failed_attempts"] < 4:
+                await trio.sleep(0.01)
+    receiver = HookReceiver()
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+        nursery.start_soon(trio.serve_listeners, receiver._serve, listeners)
+        async with running(tmp_path, acme=hook, extra=extra, rules=rules) as env:
+            with trio.fail_after(BOUND):
+                while len(receiver.received) < 4:
+                    await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    events = {(e["data"]["email_id"], e["type"]): e for e in (verified(h, b) for h, b in receiver.received)}
+    assert sorted(events) == sorted([(ok["id"], "email.sent"), (ok["id"], "email.delivered"),
+                                     (gone["id"], "email.sent"), (gone["id"], "email.bounced")])
+    bounce = events[gone["id"], "email.bounced"]
+    assert bounce["type"] == "email.bounced" and bounce["data"]["bounce"]["type"] == "Permanent"
+    assert bounce["data"]["bounce"]["subType"] == "invalid_recipient"
+    assert "5.1.1" in bounce["data"]["bounce"]["message"]
+
+
+def _txt(value: str) -> str:
+    """A TXT record's text: character strings of at most 255 octets."""
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+
+
+async def test_mail_leaves_dkim_signed_with_both_key_types_verified_through_dns(tmp_path):
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    for name, key in (("rsa.pem", rsa_key), ("ed.pem", ed_key)):
+        (tmp_path / name).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    rsa_public = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    ed_public = ed_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    keys = {"dkim": [{"domain": "x.test", "selector": "r2026", "key_file": str(tmp_path / "rsa.pem")},
+                     {"domain": "x.test", "selector": "e2026", "key_file": str(tmp_path / "ed.pem")}]}
+    with DNSServer() as dns_server:
+        dns_server.add("r2026._domainkey.x.test", "TXT",
+                       _txt(f"v=DKIM1; k=rsa; p={base64.b64encode(rsa_public).decode()}"))
+        dns_server.add("e2026._domainkey.x.test", "TXT",
+                       _txt(f"v=DKIM1; k=ed25519; p={base64.b64encode(ed_public).decode()}"))
+        host, port = dns_server.address.rsplit(":", 1)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers, resolver.port = [host], int(port)
+
+        def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+            answer = resolver.resolve(name.decode().rstrip("."), "TXT", lifetime=timeout)
+            return b"".join(answer[0].strings)
+
+        async with running(tmp_path, extra=keys) as env:
+            await sdk(resend.Emails.send, email(subject="Signed") | {"html": "<p>signed</p>"})
+            await sdk(resend.Emails.send, {**email(), "from": "other@elsewhere.test"})
+            await env.wait_received(2)
+        signed, unsigned = sorted((r[2] for r in env.sink.received), key=lambda b: b"other@" in b)
+        checker = dkim.DKIM(signed)
+        assert checker.verify(idx=0, dnsfunc=dnsfunc) and checker.verify(idx=1, dnsfunc=dnsfunc)
+        algorithms = re.findall(rb"a=([a-z0-9-]+);", signed.split(b"\r\n\r\n")[0])
+        assert sorted(algorithms) == [b"ed25519-sha256", b"rsa-sha256"]
+        assert dns_server.total_queries >= 2
+        assert b"DKIM-Signature" not in unsigned           # no key for elsewhere.test
