@@ -293,3 +293,41 @@ def test_dsn_prints_one_json_object_per_file(tmp_path, capsys):
     assert set(report) == {"file", "kind", "original_message_id", "recipients"}
     assert set(report["recipients"][0]) == {"recipient", "action", "status", "diagnostic", "category", "permanent"}
     assert "nope.eml" in out.err
+
+
+def test_dkim_keygen_writes_a_key_that_signs_and_prints_its_record(tmp_path, capsys):
+    from sender.dkim import Signer, load_key
+
+    out = tmp_path / "k.pem"
+    assert main(["dkim", "keygen", "--domain", "x.test", "--selector", "s1", "--algorithm", "ed25519",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert 's1._domainkey.x.test. IN TXT "v=DKIM1; k=ed25519; p=' in printed
+    assert f'key_file = "{out}"' in printed
+    assert out.stat().st_mode & 0o777 == 0o600
+    key = load_key("x.test", "s1", str(out))
+    assert Signer([key]).sign(b"From: a@x.test\r\n\r\nhi\r\n", 0.0).startswith(b"DKIM-Signature: v=1; a=ed25519-sha256")
+    before = out.read_bytes()
+    assert main(["dkim", "keygen", "--domain", "x.test", "--selector", "s1", "--out", str(out)]) == 2
+    assert "--out:" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_webhooks_cli_shows_pending_and_dead_letters(tmp_path, capsys):
+    from sender.config import parse_config
+    from sender.webhooks import Webhooks
+
+    secret = "whsec_" + "a2V5a2V5a2V5a2V5"
+    config = parse_config({"customer": [{"id": "acme", "webhook": [{"url": "http://127.0.0.1:9/h", "secret": secret}]}]})
+    hooks = Webhooks(config.customer, config.webhooks, tmp_path / "webhooks.log", lambda: 1000.0)
+    hooks.emit("acme", "email.delivered", {"email_id": "A"}, 1000.0)
+    hooks.emit("acme", "email.bounced", {"email_id": "B"}, 1000.0)
+    dead = next(iter(hooks._hooks.values()))
+    hooks._bury(dead, "HTTP 500")
+    hooks.close()
+    assert main(["webhooks", "--spool", str(tmp_path)]) == 0
+    lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"spool": str(tmp_path), "pending": 1, "dead": 1}
+    letter = lines[1]["dead_letter"]
+    assert (letter["customer"], letter["last_error"]) == ("acme", "HTTP 500")
+    assert orjson.loads(letter["body"])["data"]["email_id"] == "A"
+    assert main(["webhooks", "--spool", str(tmp_path / "nope")]) == 2
