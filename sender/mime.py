@@ -547,10 +547,11 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
     if text is None and html is None:
         raise MimeError("text", "one of html or text is required")
     headers = _custom_headers(payload.get("headers"))
-    budget = max_bytes - len((text or "").encode("utf-8")) - len((html or "").encode("utf-8"))
+    text_bytes, html_bytes = len((text or "").encode("utf-8")), len((html or "").encode("utf-8"))
+    budget = max_bytes - text_bytes - html_bytes
     if budget < 0:
-        raise MimeError("message", f"message is at least {max_bytes - budget} bytes, "
-                                   f"over the limit of {max_bytes}")
+        raise MimeError("html" if html_bytes > text_bytes else "text", f"the message would be at least "
+                        f"{max_bytes - budget} bytes, over the limit of {max_bytes}")
     attachments = _attachments(payload.get("attachments"), budget,
                                Path(attachment_folder) if attachment_folder else None)
 

@@ -8,6 +8,7 @@ autojump clock, so these run on the real clock, each wait bounded by ``trio.fail
 from __future__ import annotations
 
 import base64
+import json
 import re
 from contextlib import asynccontextmanager
 from email import message_from_bytes
@@ -28,6 +29,7 @@ from sender.sink import Sink, load_rules
 
 from dnsserver import DNSServer
 from helpers import HookReceiver, free_port
+from test_mime import BAD, base
 
 BOUND = 5.0  # seconds; every wait on the network is bounded by this
 KEY = "re_acme_test_key"
@@ -532,3 +534,34 @@ async def test_mail_leaves_dkim_signed_with_both_key_types_verified_through_dns(
         assert sorted(algorithms) == [b"ed25519-sha256", b"rsa-sha256"]
         assert dns_server.total_queries >= 2
         assert b"DKIM-Signature" not in unsigned           # no key for elsewhere.test
+
+
+async def test_every_malformed_field_is_422_naming_it_and_nothing_is_queued(tmp_path):
+    table = [*BAD,
+             ({"text": "x" * 30_000}, "text"),                                  # over max_message_size
+             ({"attachments": [{"filename": "a.bin", "content": base64.b64encode(b"x" * 30_000).decode()}]},
+              "message"),
+             ({"scheduled_at": "next tuesday-ish"}, "scheduled_at"),
+             ({"scheduled_at": 1700000000}, "scheduled_at"),
+             ({"tags": [{"name": "a b", "value": "x"}]}, "tags[0].name"),
+             ({"tags": [{"name": "kind"}]}, "tags[0].value")]
+    async with running(tmp_path, extra={"listen": {"smtp": "", "admin_keys": [ADMIN],
+                                                   "max_message_size": 20_000}}) as env:
+        wrong = []
+        for changes, field in table:
+            if any("\ud800" in str(v) for v in changes.values()):
+                continue                # a lone surrogate: the whole body is refused (below)
+            # json.dumps escapes what httpx's encoder refuses (a lone surrogate).
+            r = await env.post("/emails", None, content=json.dumps(base(**changes)),
+                               headers={"content-type": "application/json"})
+            body = r.json()
+            if r.status_code != 422 or body["name"] not in ("validation_error", "missing_required_field") \
+                    or not body["message"].startswith((f"{field}:", f"{field!r}:")):
+                wrong.append((field, r.status_code, body))
+        assert wrong == []
+        r = await env.post("/emails", None, content=b'{"subject": "\\ud800"}', headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["message"].startswith("invalid JSON")
+        # The same in a batch names the email's index too.
+        r = await env.post("/emails/batch", [base(), base(to="a@@b.test")])
+        assert r.status_code == 422 and r.json()["message"].startswith("[1].to")
+        assert env.engine.counts["accepted"] == 0

@@ -152,6 +152,10 @@ def test_oversize_message():
     with pytest.raises(MimeError) as info:
         build(base(attachments=[{"filename": "a.bin", "content": b64(b"x" * 5000)}]), max_bytes=2000)
     assert info.value.field == "message"
+    for field in ("text", "html"):                       # one part alone is too big: it is named
+        with pytest.raises(MimeError) as info:
+            build(base(**{field: "x" * 3000}), max_bytes=2000)
+        assert info.value.field == field
 
 
 @pytest.mark.parametrize("value, expected", [
