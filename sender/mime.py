@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.policy
+import functools
 import ipaddress
 import mimetypes
 import re
@@ -560,7 +561,7 @@ def build_message(payload: dict, *, message_id_domain: str, now: float | None = 
 
     when = time.time() if now is None else now
     message_id = f"{int(when * 1000):x}.{secrets.token_hex(10)}@{message_id_domain}"
-    date = format_datetime(datetime.fromtimestamp(when, timezone.utc))
+    date = _date(int(when))
     names = [d for d, _, _ in (from_, *to, *cc, *reply_to)]
     plain = [subject, *(value for _, value in headers), *names]
     # A non-ASCII display name must fit one encoded word: readers disagree on the white space
@@ -606,25 +607,24 @@ def _tags(value: object) -> dict[str, str]:
     return out
 
 
-_SUMMARY_FIELDS = {b"from": "from", b"subject": "subject", b"to": "to"}
-
-
 def summary(message: bytes) -> dict[str, str]:
     """The From, To and Subject header fields of ``message`` (unfolded, RFC 2047 words
     decoded), for events and status queries; a field that is missing is left out."""
     end = message.find(b"\r\n\r\n")
-    lines = message[:end if end >= 0 else 64 * 1024].split(b"\r\n")
+    head = b"\r\n" + (message[:end] if end >= 0 else message[:64 * 1024]) + b"\r\n"
     out: dict[str, str] = {}
-    for i, line in enumerate(lines):
-        name, colon, value = line.partition(b":")
-        field = _SUMMARY_FIELDS.get(name.lower()) if colon else None
-        if field is None or field in out:
-            continue
-        for more in lines[i + 1:]:
-            if more[:1] not in (b" ", b"\t"):
-                break
-            value += more
-        text = value.strip().decode("utf-8", "replace")
+    for field, spellings in _SUMMARY_FIELDS:
+        # The usual spellings by a fast find; any other case by a scan of the field names.
+        at = next((i for s in spellings if (i := head.find(s)) >= 0), -1)
+        if at < 0:
+            at = _find_field(head, field)
+            if at < 0:
+                continue
+        start = head.index(b":", at + 2) + 1
+        stop = head.find(b"\r\n", start)
+        while head[stop + 2:stop + 3] in (b" ", b"\t"):
+            stop = head.find(b"\r\n", stop + 2)
+        text = head[start:stop].replace(b"\r\n", b"").strip().decode("utf-8", "replace")
         if "=?" in text:
             try:
                 text = str(make_header(decode_header(text)))
@@ -632,6 +632,29 @@ def summary(message: bytes) -> dict[str, str]:
                 pass
         out[field] = text
     return out
+
+
+_SUMMARY_FIELDS = [(name, [b"\r\n" + spelling + b":" for spelling in (name.title().encode(), name.encode(),
+                                                                         name.upper().encode())])
+                   for name in ("from", "to", "subject")]
+
+
+def _find_field(head: bytes, field: str) -> int:
+    """Where ``field`` starts in ``head`` (at its preceding CRLF), in any case; -1 if absent."""
+    want = field.encode()
+    at = head.find(b"\r\n")
+    while at >= 0 and at + 2 < len(head):
+        name, colon, _ = head[at + 2:at + 2 + len(want) + 1].partition(b":")
+        if colon and name.lower() == want:
+            return at
+        at = head.find(b"\r\n", at + 2)
+    return -1
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """The Date header's value: formatted once per second, not per message."""
+    return format_datetime(datetime.fromtimestamp(second, timezone.utc))
 
 
 _stdlib_only = False        # tests set it to compare the two writers

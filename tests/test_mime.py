@@ -392,3 +392,31 @@ def test_attachments_by_path_are_read_only_inside_the_folder(tmp_path):
     with pytest.raises(MimeError) as e:                   # no folder configured: nothing is read
         build_message(payload(path="sub/report.pdf"), message_id_domain="s.test")
     assert e.value.field == "attachments[0].path" and "no attachment folder" in e.value.problem
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"From: A <a@x.test>\r\nTo: b@y.test\r\nSubject: Hi\r\n\r\nbody", {"from": "A <a@x.test>", "to": "b@y.test",
+                                                                      "subject": "Hi"}),
+    (b"fROM: a@x.test\r\nX-To: no\r\nsubject: =?utf-8?q?caf=C3=A9?=\r\n\tfolded\r\n\r\n",
+     {"from": "a@x.test", "subject": "caf\u00e9\tfolded"}),
+    (b"Subject: first\r\nSubject: second\r\n\r\n", {"subject": "first"}),
+    (b"Subject: no body", {"subject": "no body"}),
+    (b"X: y\r\n\r\nSubject: in the body\r\n", {}),
+    (b"", {}),
+])
+def test_summary_reads_from_to_and_subject(raw, expected):
+    assert mime.summary(raw) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(subject=st.text(min_size=1, max_size=120).filter(lambda s: s.strip() == s and "  " not in s),
+       name=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=30))
+def test_summary_agrees_with_the_stdlib_on_built_messages(subject, name):
+    try:
+        built = build(base(subject=subject, **{"from": f'"{name}" <shop@example.com>' if name else "shop@example.com"}))
+    except MimeError:
+        assume(False)
+    mine = mime.summary(built.message)
+    theirs = parsed(built)
+    assert mine["subject"] == str(theirs["subject"])
+    assert mine["from"].endswith("shop@example.com>") or mine["from"] == "shop@example.com"
