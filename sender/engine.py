@@ -11,7 +11,6 @@ A trio program embeds ``sender`` by running an Engine in its own nursery and sub
 
 from __future__ import annotations
 
-import datetime
 import functools
 import ipaddress
 import logging
@@ -32,7 +31,7 @@ from .dkim import DkimError, Signer
 from .events import Event, EventLog
 from .webhooks import Webhooks
 from .mime import summary
-from .status import Email, EmailStatus
+from .status import Email, EmailStatus, iso_utc
 from .ndr import build_report, wants_report
 from .idempotency import IdempotencyStore
 from .suppression import SUPPRESSING_CATEGORIES, Entry, SuppressionList
@@ -494,7 +493,7 @@ class Engine:
         email = self.email(ev.id) if ev.id else None
         detail = ev.detail
         data: dict = {"email_id": ev.id or None,
-                      "created_at": _iso(email.created_at if email is not None else ev.time),
+                      "created_at": iso_utc(email.created_at if email is not None else ev.time),
                       "from": email.sender if email is not None else str(detail.get("from", "")),
                       "to": ev.rcpts,
                       "subject": email.subject if email is not None else str(detail.get("subject", ""))}
@@ -504,7 +503,7 @@ class Engine:
             data["bounce"] = {"type": "Permanent" if ev.event == "bounced" else "Transient",
                               "subType": ev.category, "message": ev.reply}
         elif kind == "email.delivery_delayed":
-            data["delay"] = {"attempts": ev.attempts, "next_attempt_at": _iso(ev.next_at), "message": ev.reply}
+            data["delay"] = {"attempts": ev.attempts, "next_attempt_at": iso_utc(ev.next_at), "message": ev.reply}
         elif kind == "email.failed":
             data["failed"] = {"reason": ev.reply}
         elif kind == "email.suppressed":
@@ -512,7 +511,7 @@ class Engine:
         elif kind == "email.complained":
             data["complaint"] = {"feedback_type": str(detail.get("feedback_type", "abuse"))}
         elif kind == "email.scheduled":
-            data["scheduled_at"] = _iso(ev.next_at)
+            data["scheduled_at"] = iso_utc(ev.next_at)
         return data
 
     def _outcome(self, event: str, d: Delivery, rcpts: list[str], now: float, reply: Reply | None = None,
@@ -758,10 +757,6 @@ _WEBHOOK_TYPES = {
     "complained": "email.complained",
     "suppressed": "email.suppressed",
 }
-
-
-def _iso(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _id_time(msg_id: str) -> int:

@@ -10,13 +10,14 @@ not forget what was delivered before it.
 from __future__ import annotations
 
 import collections
+import datetime
 import os
 
 import msgspec
 
 from .events import Event, event_files, read_events
 
-__all__ = ["Email", "EmailStatus", "LAST_EVENT"]
+__all__ = ["Email", "EmailStatus", "LAST_EVENT", "iso_utc"]
 
 # Event -> Resend's last_event.
 LAST_EVENT = {
@@ -33,6 +34,11 @@ LAST_EVENT = {
     "suppressed": "suppressed",
 }
 _BYTES_PER_EVENT = 400          # to pick how many event files a rebuild reads
+
+
+def iso_utc(t: float) -> str:
+    """Wall-clock seconds as Resend writes an email's times: ``2026-11-24T08:00:00.123456+00:00``."""
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
 
 
 class Email(msgspec.Struct):

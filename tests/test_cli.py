@@ -243,8 +243,6 @@ def test_corrupt_journal_is_reported_in_one_line_without_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("processes", [1, 2])     # 2: the supervisor binds
 def test_port_in_use_is_reported_in_one_line(tmp_path, processes):
-    import socket
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -37,7 +37,7 @@ from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
-from ..status import Email
+from ..status import Email, iso_utc
 
 __all__ = ["ApiError", "create_app", "serve_http"]
 
@@ -444,17 +444,13 @@ def create_app(engine: Engine) -> Starlette:
     )
 
 
-def _iso(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
-
-
 def _email_body(email: Email) -> dict:
     """Resend's email object. The message's content is not kept after it is queued: html and
     text are null, as Resend's are once its retention has passed."""
     return {"object": "email", "id": email.id, "to": email.to, "from": email.sender,
-            "created_at": _iso(email.created_at), "subject": email.subject, "html": None, "text": None,
+            "created_at": iso_utc(email.created_at), "subject": email.subject, "html": None, "text": None,
             "bcc": None, "cc": None, "reply_to": None, "last_event": email.last_event,
-            "scheduled_at": _iso(email.scheduled_at) if email.scheduled_at else None,
+            "scheduled_at": iso_utc(email.scheduled_at) if email.scheduled_at else None,
             "tags": [{"name": k, "value": v} for k, v in email.tags.items()]}
 
 
