@@ -44,11 +44,9 @@ import secrets
 import ssl
 import string
 import struct
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import h11
 import msgspec
 import orjson
 import trio
@@ -56,6 +54,7 @@ from crc32c import crc32c
 
 from .config import CustomerConfig, WebhooksConfig
 from .files import replace_file
+from .httpclient import request
 from .journal import encode_frame
 
 __all__ = ["COMPACT_BYTES", "DeadLetter", "Webhooks", "new_hook_id", "post_http", "read_outbox", "sign"]
@@ -271,74 +270,11 @@ def read_outbox(path: str | os.PathLike) -> tuple[int, list[DeadLetter]]:
 # ---------------------------------------------------------------- HTTP client
 
 
-_default_context: ssl.SSLContext | None = None
-
-
 async def post_http(url: str, headers: dict[str, str], body: bytes, timeout: float, *,
                     ssl_context: ssl.SSLContext | None = None) -> int:
-    """POST ``body`` to ``url`` over HTTP/1.1, one request per connection; returns the status.
-
-    The response body is read (at most ``MAX_RESPONSE`` bytes) and thrown away; once the
-    status is in, a failure to read the rest does not matter.
-
-    Args:
-      timeout: seconds for the whole request, connect to the status line.
-      ssl_context: for https (default: the system's trusted CAs).
-
-    Raises:
-      trio.TooSlowError: no status within ``timeout``.
-      OSError, trio.BrokenResourceError, h11.ProtocolError: the connection or the answer failed.
-      ValueError: ``url`` is not http:// or https://.
-    """
-    global _default_context
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http:// or https:// URL: {url!r}")
-    tls = parts.scheme == "https"
-    host = parts.hostname
-    port = parts.port or (443 if tls else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = h11.Request(method="POST", target=target, headers=[
-        ("Host", parts.netloc.rpartition("@")[2]), ("Content-Length", str(len(body))), ("Connection", "close"),
-        *headers.items()])
-    conn = h11.Connection(h11.CLIENT)
-    deadline = trio.current_time() + timeout
-    with trio.fail_after(timeout):
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-    try:
-        with trio.fail_at(deadline):
-            if tls:
-                if ssl_context is None:
-                    if _default_context is None:
-                        _default_context = ssl.create_default_context()
-                    ssl_context = _default_context
-                stream = trio.SSLStream(stream, ssl_context, server_hostname=host, https_compatible=True)
-            await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-            status = 0
-            while not status:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise h11.RemoteProtocolError("connection closed before a response")
-        with trio.move_on_at(deadline):
-            read = 0
-            try:
-                while read < MAX_RESPONSE:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        read += len(data)
-                        conn.receive_data(data)
-                    elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                        break
-            except (OSError, trio.BrokenResourceError, h11.ProtocolError):
-                pass
-        return status
-    finally:
-        await trio.aclose_forcefully(stream)
+    """POST ``body`` to ``url``; returns the status (see :func:`sender.httpclient.request`)."""
+    answer = await request("POST", url, headers, body, timeout, ssl_context=ssl_context, max_body=MAX_RESPONSE)
+    return answer.status
 
 
 # ---------------------------------------------------------------- the outbox and its sender
