@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--repair", action="store_true", help="skip corrupt journal records instead of refusing to start")
     run.add_argument("--grace", type=float, default=30.0, help="seconds to let transactions finish on shutdown")
     run.add_argument("--shard", type=_shard, help=argparse.SUPPRESS)  # set by the supervisor
-    run.add_argument("--inherit", type=_fds, help=argparse.SUPPRESS)  # load board fd, listening socket fd
+    run.add_argument("--inherit", type=_fds, help=argparse.SUPPRESS)  # load board, SMTP, HTTP sockets (-1: none)
 
     sink = sub.add_parser("sink", help="run a programmable SMTP sink")
     sink.add_argument("--listen", required=True, type=_address("--listen"), help="host:port")
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .daemon import LoadBoard, check_spool_layout, run_daemon, run_supervisor, shard_config
+    from .daemon import SHARD_TOKEN, LoadBoard, Shard, check_spool_layout, run_daemon, run_supervisor, shard_config
     from .journal import JournalCorrupt
 
     config = load_config(args.config)
@@ -161,8 +161,9 @@ def _cmd_run(args) -> int:
             return 2
         index, count = args.shard
         config = shard_config(config, index, count)
-        board = LoadBoard(args.inherit[0], count, index)
-        shard = (socket.socket(fileno=args.inherit[1]) if len(args.inherit) > 1 else None, board)
+        board_fd, smtp_fd, http_fd = (args.inherit + [-1, -1])[:3]
+        shard = Shard(LoadBoard(board_fd, count, index), socket.socket(fileno=smtp_fd) if smtp_fd >= 0 else None,
+                      socket.socket(fileno=http_fd) if http_fd >= 0 else None, os.environ.get(SHARD_TOKEN, ""))
     try:
         if shard is None and config.daemon.processes > 1:
             return run_supervisor(args.config, config, repair=args.repair, grace=args.grace)

@@ -445,8 +445,6 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             parse_hostport(self.listen.smtp, "listen.smtp")
         if self.listen.http:
             parse_hostport(self.listen.http, "listen.http")
-            if self.daemon.processes > 1:
-                raise ConfigError("listen.http: not yet served with daemon.processes > 1")
         for name in ("idle_timeout", "retry_interval", "max_retry_interval", "max_age"):
             setattr(d, name, parse_duration(getattr(d, name), f"delivery.{name}"))
         for name in TimeoutConfig.__struct_fields__:

@@ -12,8 +12,11 @@ every connection limit. The supervisor binds the SMTP port and hands the listeni
 every shard, with a :class:`LoadBoard`: a few bytes of shared memory holding each shard's open
 sessions. A shard accepts only while no sibling has fewer (applications keep long-lived
 connection pools, and SO_REUSEPORT's hashing would leave one shard with most of them), and the
-supervisor says it is listening only once every shard is. Nothing else is shared, so a shard's
-crash affects only its own in-flight messages. Children die with the supervisor
+supervisor says it is listening only once every shard is. The HTTP API's port is shared the
+same way (by the kernel: requests are short), and each shard also listens on a private loopback
+port, written on the board, where its siblings pass it the requests it owns
+(:mod:`sender.inject.peers`). Nothing else is shared, so a shard's crash affects only its own
+in-flight messages. Children die with the supervisor
 (PR_SET_PDEATHSIG), so killing the supervisor is killing the daemon.
 """
 
@@ -24,13 +27,14 @@ import gc
 import logging
 import mmap
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import msgspec
 import trio
@@ -38,31 +42,36 @@ import trio
 from .config import Config, ConfigError, parse_hostport
 from .engine import Engine
 from .journal import Journal
-from .inject.http import serve_http
+from .inject.http import bind_http, serve_http
+from .inject.peers import Peers
 from .inject.smtpd import serve_smtp
 from .smtp.sockets import FastListener, open_listener
 
-__all__ = ["LoadBoard", "check_spool_layout", "run_daemon", "run_supervisor", "set_scheduling", "shard_config",
+__all__ = ["SHARD_TOKEN", "LoadBoard", "Shard", "check_spool_layout", "run_daemon", "run_supervisor", "set_scheduling", "shard_config",
            "spool_dirs"]
 
 log = logging.getLogger("sender.daemon")
+
+SHARD_TOKEN = "SENDER_SHARD_TOKEN"      # environment of a shard process: see Shard.token
 
 
 class LoadBoard:
     """Open SMTP sessions per shard, in shared memory (a memfd the shards inherit); -1 marks
     a shard that is not listening yet. Bound to one shard (``index``), it is that shard's
-    :class:`~sender.smtp.sockets.Balance`.
+    :class:`~sender.smtp.sockets.Balance`. It also holds each shard's private HTTP port.
     """
 
     def __init__(self, fd: int, count: int, index: int | None = None) -> None:
         self.fd, self.count, self.index = fd, count, index
-        self._map = mmap.mmap(fd, 4 * count)
-        self._slots = memoryview(self._map).cast("i")
+        self._map = mmap.mmap(fd, 8 * count)
+        self._cells = memoryview(self._map).cast("i")
+        self._slots = self._cells[:count]
+        self._ports = self._cells[count:]
 
     @classmethod
     def create(cls, count: int) -> "LoadBoard":
         fd = os.memfd_create("sender-load-board")
-        os.ftruncate(fd, 4 * count)
+        os.ftruncate(fd, 8 * count)
         board = cls(fd, count)
         for i in range(count):
             board._slots[i] = -1
@@ -84,26 +93,42 @@ class LoadBoard:
     def closed(self) -> None:
         self._slots[self.index] -= 1
 
+    def set_peer_port(self, port: int) -> None:
+        self._ports[self.index] = port
+
+    def peer_port(self, index: int) -> int:
+        return self._ports[index]
+
     def close(self) -> None:
         self._slots.release()
+        self._ports.release()
+        self._cells.release()
         self._map.close()
         os.close(self.fd)
 
 
+class Shard(NamedTuple):
+    """What a shard process gets from its supervisor."""
+
+    board: LoadBoard                    # bound to this shard
+    smtp: socket.socket | None          # the listening sockets it shares with its siblings
+    http: socket.socket | None
+    token: str                          # proves a request passed on by a sibling
+
+
 async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.0,
-                     shard: tuple[socket.socket, LoadBoard] | None = None,
+                     shard: Shard | None = None,
                      reload: Callable[[], Config] | None = None,
                      task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run until SIGTERM/SIGINT (or cancellation).
 
     Args:
-      shard: the listening socket that the supervisor shares among its shards, and the load
-        board bound to this shard.
+      shard: set in a shard process of a sharded daemon.
       reload: reads the config again, on SIGHUP.
       task_status: started with the engine once the listener is bound.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        engine = Engine(config, repair=repair)
+        engine = Engine(config, repair=repair, id_suffix=None if shard is None else shard.board.index)
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             # The replayed queue can be millions of long-lived objects: keep them out of the
@@ -115,22 +140,31 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
 
             async def listener(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 with listener_scope:
-                    shared = None if shard is None else FastListener(shard[0], balance=shard[1])
+                    shared = None if shard is None else FastListener(shard.smtp, balance=shard.board)
                     await serve_smtp(engine, config.listen.smtp, listener=shared, task_status=task_status)
 
             http_scope = trio.CancelScope()
 
             async def http_listener(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 with http_scope:
-                    await serve_http(engine, config.listen.http, task_status=task_status)
+                    if shard is None:
+                        await serve_http(engine, config.listen.http, task_status=task_status)
+                        return
+                    private = bind_http("127.0.0.1:0")
+                    board = shard.board
+                    board.set_peer_port(private.getsockname()[1])
+                    peers = Peers(board.index, board.count, board.peer_port, shard.token)
+                    await serve_http(engine, sockets=[shard.http, private], peers=peers, task_status=task_status)
 
+            if config.listen.http and shard is not None:
+                await nursery.start(http_listener)      # its private port is on the board first
             if shard is not None:
-                shard[1].listening()
+                shard.board.listening()
             if config.listen.smtp:
                 host, port = await nursery.start(listener)
                 if shard is None:
                     _say(f"sender: listening on {host}:{port} (SMTP)")
-            if config.listen.http:
+            if config.listen.http and shard is None:
                 host, port = await nursery.start(http_listener)
                 _say(f"sender: listening on {host}:{port} (HTTP)")
             task_status.started(engine)
@@ -228,10 +262,17 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
     """
     n = config.daemon.processes
     listener = open_listener(*parse_hostport(config.listen.smtp, "listen.smtp")) if config.listen.smtp else None
+    try:
+        http = bind_http(config.listen.http) if config.listen.http else None
+    except BaseException:
+        if listener is not None:
+            listener.socket.close()
+        raise
     board = LoadBoard.create(n)
-    fds = (board.fd,) if listener is None else (board.fd, listener.socket.fileno())
+    fds = (board.fd, listener.socket.fileno() if listener else -1, http.fileno() if http else -1)
     cmd = [sys.executable, "-m", "sender", "run", "--config", config_path, "--grace", str(grace),
            "--inherit", ",".join(map(str, fds))]
+    env = {**os.environ, SHARD_TOKEN: secrets.token_hex(16)}
     if repair:
         cmd.append("--repair")
     children: list[subprocess.Popen] = []
@@ -251,13 +292,15 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
     old[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
     try:
         for i in range(n):
-            children.append(subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], pass_fds=fds,
-                                             preexec_fn=_die_with_parent))
+            children.append(subprocess.Popen(cmd + ["--shard", f"{i}/{n}"], pass_fds=[fd for fd in fds if fd >= 0],
+                                             env=env, preexec_fn=_die_with_parent))
         while not board.all_listening() and all(c.poll() is None for c in children):
             time.sleep(0.01)
-        if listener is not None and board.all_listening():
-            host, port = listener.socket.getsockname()[:2]
-            _say(f"sender: listening on {host}:{port} (SMTP, {n} processes)")
+        if board.all_listening():
+            for sock, what in ((listener.socket if listener else None, "SMTP"), (http, "HTTP")):
+                if sock is not None:
+                    host, port = sock.getsockname()[:2]
+                    _say(f"sender: listening on {host}:{port} ({what}, {n} processes)")
         status = 0
         remaining = list(children)
         while remaining:
@@ -284,4 +327,6 @@ def run_supervisor(config_path: str, config: Config, *, repair: bool, grace: flo
                 c.kill()
         if listener is not None:
             listener.socket.close()
+        if http is not None:
+            http.close()
         board.close()

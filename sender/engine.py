@@ -136,10 +136,12 @@ class Engine:
       open_stream: replaces TCP connects for delivery (tests use in-memory streams).
       epoch: wall-clock seconds at trio time 0 (default: the real clock's, at ``run``); a
         simulation on a virtual clock picks its own date.
+      id_suffix: the last three hex digits of every message id (a shard's index, so that any
+        shard can tell which one owns a message); default: from the process id.
     """
 
     def __init__(self, config: Config, *, repair: bool = False, open_stream: OpenStream | None = None,
-                 epoch: float | None = None) -> None:
+                 epoch: float | None = None, id_suffix: int | None = None) -> None:
         self.config = config
         self._fixed_epoch = epoch
         self.repair = repair
@@ -150,7 +152,7 @@ class Engine:
         self._live: dict[str, Delivery | list[Delivery]] = {}
         self._epoch = 0.0
         self._last_id = 0
-        self._pid = os.getpid() & 0xFFF
+        self._pid = (os.getpid() if id_suffix is None else id_suffix) & 0xFFF
         self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired", "suppressed",
                                      "bounced_later", "complaints", "canceled"), 0)
         su = config.suppression

@@ -9,6 +9,7 @@ import smtplib
 import time
 
 import orjson
+import pytest
 
 from sender.cli import main
 
@@ -157,3 +158,59 @@ def test_sighup_reaches_every_shard(tmp_path):
         assert proc.poll() is None
     finally:
         assert stop(proc) == 0
+
+
+def test_the_http_api_across_two_shards(tmp_path):
+    """Sends land on either shard; reads, cancels and idempotent repeats reach the shard that
+    owns the message or key, whichever shard the connection went to."""
+    import resend
+
+    sink_port, http_port = free_port(), free_port()
+    sink_log = tmp_path / "sink.jsonl"
+    sink = spawn(["sink", "--listen", f"127.0.0.1:{sink_port}", "--log", str(sink_log)], tmp_path / "sink.out")
+    cfg = tmp_path / "http.toml"
+    cfg.write_text(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        f'[listen]\nsmtp = ""\nhttp = "127.0.0.1:{http_port}"\n'
+        f'[delivery]\nstarttls = "never"\n'
+        f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{sink_port}"\n'
+        f'[[customer]]\nid = "acme"\napi_keys = ["re_acme"]\n'
+        f'[[customer]]\nid = "other"\napi_keys = ["re_other"]\n'
+        f'[daemon]\nprocesses = 2\n')
+    saved = resend.api_url, resend.api_key
+    daemon = None
+    try:
+        wait_for_line(sink, tmp_path / "sink.out", r"listening on")
+        daemon = spawn(["run", "--config", str(cfg)], tmp_path / "daemon.out")
+        wait_for_line(daemon, tmp_path / "daemon.out", r"listening on .*HTTP, 2 processes")
+        resend.api_url, resend.api_key = f"http://127.0.0.1:{http_port}", "re_acme"
+
+        def email(to: str, **more) -> dict:
+            return {"from": "App <app@x.test>", "to": [to], "subject": "s", "text": "hi", **more}
+
+        ids = [resend.Emails.send(email(f"u{i}@y.test"))["id"] for i in range(20)]   # a connection each
+        assert {i[-3:] for i in ids} == {"000", "001"}          # both shards took some
+        for msg_id in ids * 2:
+            assert resend.Emails.get(msg_id)["id"] == msg_id
+        keyed = {resend.Emails.send(email("once@y.test"), {"idempotency_key": "k1"})["id"] for _ in range(6)}
+        assert len(keyed) == 1
+        later = [resend.Emails.send(email(f"l{i}@y.test", scheduled_at="in 1 hour"))["id"] for i in range(6)]
+        for msg_id in later:
+            resend.Emails.cancel(msg_id)
+            assert resend.Emails.get(msg_id)["last_event"] == "canceled"
+        resend.api_key = "re_other"
+        for msg_id in ids[:4]:
+            with pytest.raises(resend.exceptions.ResendError) as e:
+                resend.Emails.get(msg_id)
+            assert str(e.value.code) == "404"
+        deadline = time.monotonic() + 15
+        while sink_log.exists() and len(sink_log.read_text().splitlines()) < 21 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        delivered = [orjson.loads(line) for line in sink_log.read_text().splitlines()]
+        assert len(delivered) == 21                             # the keyed one once
+    finally:
+        resend.api_url, resend.api_key = saved
+        if daemon is not None:
+            assert stop(daemon) == 0
+        stop(sink)

@@ -31,15 +31,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..config import Config, parse_hostport, parse_rate
+from ..config import Config, Rate, parse_hostport, parse_rate
 from ..engine import Engine, NotFound, NotScheduled, SpoolFull, Submission, Suppressed
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
 from ..status import Email, iso_utc
+from .peers import Peers
 
-__all__ = ["ApiError", "create_app", "serve_http"]
+__all__ = ["ApiError", "bind_http", "create_app", "serve_http"]
 
 log = logging.getLogger("sender.http")
 
@@ -115,7 +116,7 @@ def _invalid_key(message: str) -> ApiError:
     return ApiError(401, "invalid_api_key", message, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
 
-async def _read_json(request: Request, limit: int) -> object:
+async def _read_body(request: Request, limit: int) -> bytes:
     size = int(request.headers.get("content-length") or 0)
     if size > limit:
         raise ApiError(413, "validation_error", f"request body is over {limit} bytes")
@@ -124,6 +125,11 @@ async def _read_json(request: Request, limit: int) -> object:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, "validation_error", f"request body is over {limit} bytes")
+    return bytes(body)
+
+
+async def _read_json(request: Request, limit: int) -> object:
+    body = await _read_body(request, limit)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -171,12 +177,13 @@ def scheduled_at(payload: object, now: float) -> float:
 class _Limits:
     """Per customer: the request rate (a token bucket, Resend's ``ratelimit-*`` headers and 429
     rate_limit_exceeded) and the daily quota of emails (429 daily_quota_exceeded). Counts are
-    kept in memory: a restart starts the day's count again."""
+    kept in memory: a restart starts the day's count again. Each of ``shards`` processes takes
+    its share of both, like every other limit of a sharded daemon."""
 
-    def __init__(self, config: Config) -> None:
-        self.rates = {c.id: parse_rate(c.api_rate_limit, "api_rate_limit") for c in config.customer
+    def __init__(self, config: Config, shards: int = 1) -> None:
+        self.rates = {c.id: _share(parse_rate(c.api_rate_limit, "api_rate_limit"), shards) for c in config.customer
                       if c.api_rate_limit}
-        self.quotas = {c.id: c.daily_quota for c in config.customer if c.daily_quota}
+        self.quotas = {c.id: -(-c.daily_quota // shards) for c in config.customer if c.daily_quota}
         self.buckets: dict[str, TokenBucket] = {}
         self.sent: dict[str, tuple[int, int]] = {}      # customer -> (UTC day, emails that day)
 
@@ -230,11 +237,19 @@ class _Limits:
             self.sent[customer] = (day, max(0, count - n))
 
 
-def create_app(engine: Engine) -> Starlette:
-    """The ASGI app over ``engine``; its customers and keys come from ``engine.config``."""
+def _share(rate: Rate, shards: int) -> Rate:
+    return msgspec.structs.replace(rate, per_second=rate.per_second / shards, burst=max(1.0, rate.burst / shards))
+
+
+def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
+    """The ASGI app over ``engine``; its customers and keys come from ``engine.config``.
+
+    Args:
+      peers: this shard's siblings, in a sharded daemon (see :mod:`sender.inject.peers`).
+    """
     config = engine.config
     keys = _Keys(config)
-    limits = _Limits(config)
+    limits = _Limits(config, peers.count if peers is not None else 1)
     max_size = int(config.listen.max_message_size)
     # Attachments arrive base64-encoded inside JSON: allow for the growth.
     body_limit = max_size * 4 // 3 + 64 * 1024
@@ -338,7 +353,10 @@ def create_app(engine: Engine) -> Starlette:
         return _json(200, {**_email_body(email), "customer": email.customer})
 
     async def admin_stats(request: Request) -> Response:
-        return _json(200, msgspec.to_builtins(engine.statistics()))
+        stats = msgspec.to_builtins(engine.statistics())
+        if peers is not None:
+            stats["shard"] = f"{peers.index}/{peers.count}"     # this shard's figures only
+        return _json(200, stats)
 
     async def admin_events(request: Request) -> Response:
         try:
@@ -359,21 +377,41 @@ def create_app(engine: Engine) -> Starlette:
             raise ApiError(404, "not_found", f"no dead letter {hook_id!r}")
         return _json(200, {"id": hook_id, "retried": True})
 
+    def owner(request: Request, customer: str) -> int | None:
+        """The sibling shard that must answer ``request``, or None for this one."""
+        if peers is None or peers.from_peer(request):
+            return None
+        if "id" in request.path_params:
+            shard = peers.owner_of_id(request.path_params["id"])
+        elif (key := request.headers.get("idempotency-key")) is not None:
+            shard = peers.owner_of_key(customer, key)
+        else:
+            return None
+        return None if shard == peers.index else shard
+
+    async def forwarded(request: Request, shard: int) -> Response:
+        assert peers is not None
+        return await peers.forward(shard, request, await _read_body(request, body_limit * MAX_BATCH))
+
     def admin_endpoint(endpoint: Callable[[Request], Awaitable[Response]]):
         async def call(request: Request) -> Response:
             keys.admin(request)
-            return await endpoint(request)
+            shard = owner(request, "")
+            return await endpoint(request) if shard is None else await forwarded(request, shard)
 
         return _answering(call)
 
     def customer_endpoint(endpoint: Callable[[Request, str], Awaitable[Response]]):
-        """Authenticate, take a request token, and put the rate-limit headers on the answer."""
+        """Authenticate, take a request token, have the owning shard answer, and put the
+        rate-limit headers on the answer."""
 
         async def call(request: Request) -> Response:
             customer = keys.customer(request)
-            headers = limits.admit(customer)
+            # A request passed on by a sibling was counted where it arrived.
+            headers = limits.admit(customer) if peers is None or not peers.from_peer(request) else {}
             try:
-                response = await endpoint(request, customer)
+                shard = owner(request, customer)
+                response = await (endpoint(request, customer) if shard is None else forwarded(request, shard))
             except ApiError as e:
                 e.headers = {**headers, **e.headers}
                 raise
@@ -495,33 +533,41 @@ def _answering(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[
     return answer
 
 
-async def serve_http(engine: Engine, address: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the API on ``address`` ("host:port"; port 0 picks one) until cancelled.
-
-    Args:
-      task_status: started with the bound (host, port).
-    """
+def bind_http(address: str) -> socket.socket:
+    """A listening socket on ``address`` ("host:port"; port 0 picks one)."""
     host, port = parse_hostport(address, "listen.http")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(1024)
-        bound = sock.getsockname()[:2]
     except BaseException:
         sock.close()
         raise
+    return sock
+
+
+async def serve_http(engine: Engine, address: str = "", *, sockets: list[socket.socket] | None = None,
+                     peers: Peers | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API on ``address`` until cancelled; or on the listening ``sockets`` given (a
+    shard's: the port it shares with its siblings, and its private one for them).
+
+    Args:
+      task_status: started with the (host, port) of the first socket.
+    """
+    if sockets is None:
+        sockets = [bind_http(address)]
+    bound = sockets[0].getsockname()[:2]
     hc = hypercorn.config.Config()
-    # hypercorn takes the descriptor over (and closes it) from here on.
-    hc.bind = [f"fd://{sock.detach()}"]
+    # hypercorn takes the descriptors over (and closes them) from here on.
+    hc.bind = [f"fd://{sock.detach()}" for sock in sockets]
     hc.accesslog = None
     hc.errorlog = log
     hc.graceful_timeout = 1.0
     log.info("HTTP listener on %s:%d", *bound)
 
     async def started(task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn.trio.serve(create_app(engine), hc, shutdown_trigger=trio.sleep_forever,
+        await hypercorn.trio.serve(create_app(engine, peers), hc, shutdown_trigger=trio.sleep_forever,
                                    task_status=task_status)
 
     async with trio.open_nursery() as nursery:
