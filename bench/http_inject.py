@@ -3,10 +3,11 @@
 Usage:
   python bench/http_inject.py [--clients 8] [--batch-size 100] [--batch-messages 20000]
                               [--single-messages 5000] [--seconds 60] [--fsync batch]
-                              [--smtp] [--drain-seconds 120] [--timeout 400]
+                              [--smtp] [--processes 2] [--drain-seconds 120] [--timeout 400]
 
 Starts a ``sender sink`` on 127.0.0.1 and ``sender run`` with a temporary spool (``--fsync``
-policy), the HTTP API on a free port, the SMTP listener off (``--smtp``: on a free port), one
+policy) and ``daemon.processes = --processes`` (one engine per core by default), the HTTP API
+on a free port, the SMTP listener off (``--smtp``: on a free port), one
 route ``*`` to the sink, one customer with one API key, STARTTLS never. Then two phases, each
 with ``--clients`` concurrent keep-alive HTTP/1.1 connections (raw sockets on asyncio, requests
 encoded before the clock starts, so the client stays light):
@@ -180,7 +181,7 @@ def write_config(path: str, spool: str, http_port: int, sink_port: int, args) ->
     with open(path, "w") as f:
         f.write(f'[spool]\npath = "{spool}"\nfsync = "{args.fsync}"\n\n'
                 f'[listen]\nsmtp = "{smtp}"\nhttp = "127.0.0.1:{http_port}"\n\n'
-                f'[delivery]\nstarttls = "never"\n\n'
+                f'[delivery]\nstarttls = "never"\n\n[daemon]\nprocesses = {args.processes}\n\n'
                 f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{sink_port}"\n\n'
                 f'[[customer]]\nid = "{CUSTOMER}"\napi_keys = ["{API_KEY}"]\n')
 
@@ -246,6 +247,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--drain-seconds", type=float, default=120.0, help="wait at most this for the sink")
     p.add_argument("--fsync", choices=("always", "batch", "never"), default="batch")
     p.add_argument("--smtp", action="store_true", help="also run the SMTP listener on a free port")
+    p.add_argument("--processes", type=int, default=2, help="daemon.processes (one engine per core)")
     p.add_argument("--timeout", type=float, default=400.0, help="global limit in seconds")
     a = p.parse_args(argv)
     if not 1 <= a.batch_size <= 100:
@@ -279,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             daemon = spawn([sys.executable, "-m", "sender", "run", "--config", config, "--grace", "5"],
                            cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
-            line = read_line_until(daemon, "(HTTP)", deadline, "sender run")
-            port = int(re.search(r":(\d+) \(HTTP\)", line).group(1))
+            line = read_line_until(daemon, "(HTTP", deadline, "sender run")
+            port = int(re.search(r":(\d+) \(HTTP", line).group(1))
             base = 0
             for name in ("batch", "single"):
                 try:
@@ -292,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop_process(daemon, wait=30)
             daemon.reader.join(2)
-            stop_line = next((ln for ln in daemon.lines if "stopped;" in ln),
-                             f"(no stop line; exit status {daemon.returncode})")
+            stop_line = "\n        ".join(ln for ln in daemon.lines if "stopped;" in ln) or \
+                f"(no stop line; exit status {daemon.returncode})"
             if daemon.returncode not in (0, None) and not failure:
                 failure = f"sender run exited {daemon.returncode}; stderr: " + \
                           open(stderr_path, errors="replace").read()[-500:]
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"command: {cmdline}")
-    print(f"setup:   {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; spool fsync = \"{args.fsync}\", "
+    print(f"setup:   {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; daemon.processes {args.processes}, spool fsync = \"{args.fsync}\", "
           f"SMTP listener {'on' if args.smtp else 'off'}, STARTTLS never, route * -> one sender sink; "
           f"{args.clients} HTTP clients; emails of one recipient at {len(DOMAINS)} domains, ~1 KB text")
     ok = not failure and not timed_out

@@ -58,20 +58,22 @@ SHARD_TOKEN = "SENDER_SHARD_TOKEN"      # environment of a shard process: see Sh
 class LoadBoard:
     """Open SMTP sessions per shard, in shared memory (a memfd the shards inherit); -1 marks
     a shard that is not listening yet. Bound to one shard (``index``), it is that shard's
-    :class:`~sender.smtp.sockets.Balance`. It also holds each shard's private HTTP port.
+    :class:`~sender.smtp.sockets.Balance`. It also holds each shard's private HTTP port and
+    its HTTP requests in progress.
     """
 
     def __init__(self, fd: int, count: int, index: int | None = None) -> None:
         self.fd, self.count, self.index = fd, count, index
-        self._map = mmap.mmap(fd, 8 * count)
+        self._map = mmap.mmap(fd, 12 * count)
         self._cells = memoryview(self._map).cast("i")
         self._slots = self._cells[:count]
-        self._ports = self._cells[count:]
+        self._ports = self._cells[count:2 * count]
+        self.requests = self._cells[2 * count:]     # HTTP requests in progress, per shard
 
     @classmethod
     def create(cls, count: int) -> "LoadBoard":
         fd = os.memfd_create("sender-load-board")
-        os.ftruncate(fd, 8 * count)
+        os.ftruncate(fd, 12 * count)
         board = cls(fd, count)
         for i in range(count):
             board._slots[i] = -1
@@ -102,6 +104,7 @@ class LoadBoard:
     def close(self) -> None:
         self._slots.release()
         self._ports.release()
+        self.requests.release()
         self._cells.release()
         self._map.close()
         os.close(self.fd)
@@ -153,7 +156,7 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
                     private = bind_http("127.0.0.1:0")
                     board = shard.board
                     board.set_peer_port(private.getsockname()[1])
-                    peers = Peers(board.index, board.count, board.peer_port, shard.token)
+                    peers = Peers(board.index, board.count, board.peer_port, shard.token, board.requests)
                     await serve_http(engine, sockets=[shard.http, private], peers=peers, task_status=task_status)
 
             if config.listen.http and shard is not None:

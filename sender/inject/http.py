@@ -385,6 +385,8 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             shard = peers.owner_of_id(request.path_params["id"])
         elif (key := request.headers.get("idempotency-key")) is not None:
             shard = peers.owner_of_key(customer, key)
+        elif request.method == "POST" and request.url.path in ("/emails", "/emails/batch"):
+            return peers.least_busy()
         else:
             return None
         return None if shard == peers.index else shard
@@ -411,7 +413,16 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             headers = limits.admit(customer) if peers is None or not peers.from_peer(request) else {}
             try:
                 shard = owner(request, customer)
-                response = await (endpoint(request, customer) if shard is None else forwarded(request, shard))
+                if shard is not None:
+                    response = await forwarded(request, shard)
+                elif peers is None:
+                    response = await endpoint(request, customer)
+                else:
+                    peers.requests[peers.index] += 1    # what this shard works on, for least_busy
+                    try:
+                        response = await endpoint(request, customer)
+                    finally:
+                        peers.requests[peers.index] -= 1
             except ApiError as e:
                 e.headers = {**headers, **e.headers}
                 raise

@@ -7,6 +7,9 @@ journal, and an idempotency key in one shard's store. So a request is answered b
   id ends with (a sharded engine writes its index as the id's last three hex digits);
 - a send with an ``Idempotency-Key`` by the shard the (customer, key) pair hashes to, so a
   repeat finds the first answer wherever the kernel hands its connection;
+- a send without a key by the shard with the fewest requests in progress: the kernel hands a
+  keep-alive connection to whichever shard accepts first, and an application's few pooled
+  connections would otherwise all feed one shard;
 - anything else by the shard that received it.
 
 A shard passes a request it does not own to the owner's private listener (127.0.0.1, its port
@@ -40,12 +43,20 @@ class Peers:
       index, count: this shard, of how many.
       ports: ``ports(i)`` is shard i's private port (0 until it listens).
       token: the secret the shards share.
+      requests: each shard's requests in progress (shared memory: the load board's).
     """
 
-    def __init__(self, index: int, count: int, ports, token: str) -> None:
+    def __init__(self, index: int, count: int, ports, token: str, requests) -> None:
         self.index, self.count = index, count
         self._ports = ports
         self._token = token.encode()
+        self.requests = requests
+
+    def least_busy(self) -> int | None:
+        """A sibling with at least two requests fewer in progress than this shard, if any."""
+        mine = self.requests[self.index]
+        best = min(range(self.count), key=self.requests.__getitem__)
+        return best if self.requests[best] < mine - 1 else None
 
     def owner_of_id(self, msg_id: str) -> int:
         """The shard that holds ``msg_id`` (this one for an id it cannot place)."""
