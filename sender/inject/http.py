@@ -385,8 +385,8 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             shard = peers.owner_of_id(request.path_params["id"])
         elif (key := request.headers.get("idempotency-key")) is not None:
             shard = peers.owner_of_key(customer, key)
-        elif request.method == "POST" and request.url.path in ("/emails", "/emails/batch"):
-            return peers.least_busy()
+        elif request.url.path == "/emails/batch":
+            return peers.least_busy()       # (a single email is not worth the hop)
         else:
             return None
         return None if shard == peers.index else shard

@@ -7,9 +7,10 @@ journal, and an idempotency key in one shard's store. So a request is answered b
   id ends with (a sharded engine writes its index as the id's last three hex digits);
 - a send with an ``Idempotency-Key`` by the shard the (customer, key) pair hashes to, so a
   repeat finds the first answer wherever the kernel hands its connection;
-- a send without a key by the shard with the fewest requests in progress: the kernel hands a
-  keep-alive connection to whichever shard accepts first, and an application's few pooled
-  connections would otherwise all feed one shard;
+- a batch without a key by the shard with the fewest requests in progress: the kernel hands
+  a keep-alive connection to whichever shard accepts first, and an application's few pooled
+  connections would otherwise all feed one shard (a single email is not worth the hop: it
+  costs about as much as the email);
 - anything else by the shard that received it.
 
 A shard passes a request it does not own to the owner's private listener (127.0.0.1, its port
