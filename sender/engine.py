@@ -275,6 +275,7 @@ class Engine:
           SpoolFull: the spool is over its size limit.
         """
         rec = self._accepted(sender, rcpts, body, customer, message_type, msg_id, not_before, tags)
+        self._announce(rec)
         loc = await self.journal.commit(rec)
         self._queue_accepted(rec, loc)
         return rec.id
@@ -289,6 +290,9 @@ class Engine:
                                               m.not_before, m.tags))
             except (UsageError, Suppressed, SpoolFull) as e:
                 records.append(e)
+        for r in records:
+            if isinstance(r, Accepted):
+                self._announce(r)
         locations = [self.journal.append(r) if isinstance(r, Accepted) else None for r in records]
         await self.journal.wait_durable()
         out: list[str | Exception] = []
@@ -331,14 +335,19 @@ class Engine:
                         next_at=not_before if not_before > now else 0.0, message_type=message_type,
                         tags=tags or {})
 
-    def _queue_accepted(self, rec: Accepted, loc) -> None:
-        self.counts["accepted"] += 1
+    def _announce(self, rec: Accepted) -> None:
+        """The accepted (or scheduled) event, before the record is durable: its webhook is
+        then in the outbox no later than the message is in the journal. (Should the commit
+        fail, the daemon stops: a journal that cannot be synced acknowledges nothing more.)"""
         head = summary(rec.body)
         if rec.tags:
             head["tags"] = rec.tags
         self._emit(Event(time=self.now(), event="scheduled" if rec.next_at else "accepted", id=rec.id,
                          customer=rec.customer, rcpts=rec.rcpts, message_type=rec.message_type,
                          next_at=rec.next_at, detail=head), notify=bool(rec.sender))
+
+    def _queue_accepted(self, rec: Accepted, loc) -> None:
+        self.counts["accepted"] += 1
         self._track(Delivery(id=rec.id, sender=rec.sender, domain="", rcpts=rec.rcpts, segment=loc.segment,
                              offset=loc.offset, length=loc.length, received_at=rec.received_at,
                              next_at=rec.next_at, customer=rec.customer, message_type=rec.message_type))
@@ -608,17 +617,18 @@ class Engine:
 
     def delivered(self, d: Delivery, rcpts: list[str], reply: Reply, via=None) -> None:
         now = self.now()
+        # The event first: its webhook is in the outbox before the outcome is in the journal.
+        self._outcome("delivered", d, rcpts, now, reply, "", via, attempts=d.attempts + 1)
         self._record(Delivered(d.id, rcpts, now, reply))
         self.counts["delivered"] += len(rcpts)
-        self._outcome("delivered", d, rcpts, now, reply, "", via, attempts=d.attempts + 1)
         self._done(d, rcpts)
 
     def bounced(self, d: Delivery, rcpts: list[str], reply: Reply, category: str = "permanent_other",
                 via=None) -> None:
         now = self.now()
+        self._outcome("bounced", d, rcpts, now, reply, category, via, attempts=d.attempts + 1)
         self._record(Bounced(d.id, rcpts, now, reply, category))
         self.counts["bounced"] += len(rcpts)
-        self._outcome("bounced", d, rcpts, now, reply, category, via, attempts=d.attempts + 1)
         log.info("bounced %s to %s (%s): %s", d.id, ",".join(rcpts), category, reply)
         if self.suppression is not None and category in SUPPRESSING_CATEGORIES:
             for r in rcpts:
@@ -657,11 +667,11 @@ class Engine:
         attempts = d.attempts + 1
         expires = d.received_at + policy.max_age
         if now >= expires:
-            self._record(Expired(d.id, rcpts, now, reply))
-            self.counts["expired"] += len(rcpts)
             # Given up: "expired" after replies from a remote host, "failed" when none ever answered.
             self._outcome("failed" if category == "connection_failure" else "expired", d, rcpts, now, reply,
                           category, via, attempts=attempts)
+            self._record(Expired(d.id, rcpts, now, reply))
+            self.counts["expired"] += len(rcpts)
             log.info("expired %s to %s after %d attempts: %s", d.id, ",".join(rcpts), attempts, reply)
             self._report_failure(d, rcpts, reply)
             self._done(d, rcpts)
@@ -671,9 +681,9 @@ class Engine:
         else:
             wait = backoff(attempts, policy.retry_interval, policy.max_retry_interval)
         next_at = min(now + wait, expires)
+        self._outcome("deferred", d, rcpts, now, reply, category, via, attempts=attempts, next_at=next_at)
         self._record(Deferred(d.id, rcpts, now, next_at, attempts, reply, category))
         self.counts["deferred"] += len(rcpts)
-        self._outcome("deferred", d, rcpts, now, reply, category, via, attempts=attempts, next_at=next_at)
         if len(rcpts) == len(d.rcpts):
             d.attempts, d.next_at = attempts, next_at
             return d
