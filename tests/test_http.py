@@ -431,6 +431,8 @@ async def test_admin_keys_alone_reach_the_admin_endpoints(tmp_path):
         assert r.status_code == 200 and r.json()["customer"] == "acme"
         events = (await env.get("/admin/events?limit=10", key=ADMIN)).json()
         assert [e["event"] for e in events][:1] == ["accepted"] and events[0]["id"] == sent["id"]
+        assert (await env.get("/admin/events?limit=-3", key=ADMIN)).json() == []
+        assert (await env.get("/admin/events?limit=x", key=ADMIN)).status_code == 422
         assert (await env.get("/admin/webhooks/dead", key=ADMIN)).json() == {"data": []}
         # An admin key sends no mail.
         r = await env.post("/emails", email(), key=ADMIN)

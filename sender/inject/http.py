@@ -363,7 +363,8 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             limit = int(request.query_params.get("limit", "100"))
         except ValueError:
             raise _validation("limit: expected a whole number") from None
-        recent = list(engine.events.recent)[-max(0, min(limit, len(engine.events.recent))):] if limit else []
+        recent = list(engine.events.recent)
+        recent = recent[len(recent) - max(0, min(limit, len(recent))):]
         return Response(b"[" + b",".join(map(_encode_event, recent)) + b"]", media_type="application/json")
 
     async def admin_dead_letters(request: Request) -> Response:
