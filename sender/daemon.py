@@ -218,11 +218,14 @@ def set_scheduling(policy: str) -> None:
 
 
 def shard_config(config: Config, index: int, count: int) -> Config:
-    """The config of shard ``index`` of ``count``: its own spool and its share of the spool
-    limit. (Each shard takes 1/count of every rate and connection limit: see shaping.Rules.)"""
+    """The config of shard ``index`` of ``count``: its own spool (and event folder) and its
+    share of the spool limit. (Each shard takes 1/count of every rate and connection limit: see shaping.Rules.)"""
     spool = msgspec.structs.replace(config.spool, path=str(Path(config.spool.path) / f"shard-{index}"),
                                     max_bytes=max(1, config.spool.max_bytes // count))
-    return msgspec.structs.replace(config, spool=spool)
+    events = config.events
+    if events.path:                     # (by default they are in the shard's spool already)
+        events = msgspec.structs.replace(events, path=str(Path(events.path) / f"shard-{index}"))
+    return msgspec.structs.replace(config, spool=spool, events=events)
 
 
 def spool_dirs(path: str | os.PathLike) -> list[Path]:

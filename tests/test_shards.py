@@ -235,3 +235,14 @@ def test_peers_place_ids_and_keys_and_pick_a_less_busy_sibling():
     assert peers.least_busy() is None                           # one more is not worth a hop
     requests[1], requests[2] = 4, 1
     assert peers.least_busy() == 0
+
+
+def test_a_shard_has_its_own_spool_and_event_folder():
+    from sender.config import parse_config
+    from sender.daemon import shard_config
+
+    config = parse_config({"spool": {"path": "/s", "max_bytes": 1000}, "events": {"path": "/ev"},
+                           "daemon": {"processes": 2}})
+    one = shard_config(config, 1, 2)
+    assert (one.spool.path, one.spool.max_bytes, one.events.path) == ("/s/shard-1", 500, "/ev/shard-1")
+    assert shard_config(parse_config({"spool": {"path": "/s"}}), 0, 2).events.path == ""   # in the spool
