@@ -1,5 +1,5 @@
-"""The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, dkim, webhooks,
-simulate, demo.
+"""The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, events, dkim,
+webhooks, simulate, demo.
 
 Each subcommand parses its flags, builds the same objects the Python API uses, and reports
 bad input as one line naming the flag or config key, with exit status 2.
@@ -8,18 +8,21 @@ bad input as one line naming the flag or config key, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import collections
+import datetime
 import logging
 import math
 import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import msgspec
 import orjson
 import trio
 
-from .config import Config, ConfigError, load_config, parse_hostport
+from .config import Config, ConfigError, load_config, parse_duration, parse_hostport
 
 __all__ = ["main"]
 
@@ -118,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     dk.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
     dk.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048, help="RSA key size")
     dk.add_argument("--out", required=True, help="the private key file to write (PEM, mode 0600; must not exist)")
+
+    ev = sub.add_parser("events", help="query the event log: filter, count by fields, or follow (daemon may be stopped)")
+    where = ev.add_mutually_exclusive_group(required=True)
+    where.add_argument("--spool", help="the daemon's spool directory (its events/ folders, every shard's)")
+    where.add_argument("--dir", help="an event folder (events.path)")
+    for flag, field in _EVENT_FILTERS.items():
+        ev.add_argument(f"--{flag}", dest=field, action="append", metavar="VALUE",
+                        help=f"only events whose {field} is VALUE (repeat or comma-separate for any of several)")
+    ev.add_argument("--since", help="from this time: ISO 8601 (UTC if no zone) or a duration ago, e.g. 2h")
+    ev.add_argument("--until", help="before this time (same forms)")
+    ev.add_argument("--group-by", metavar="FIELDS", help="count events per combination, e.g. provider,category")
+    ev.add_argument("--follow", action="store_true", help="print events as they are written, until interrupted")
+    ev.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    ev.add_argument("--limit", type=_positive_int("--limit"), help="at most this many events (the newest)")
 
     wh = sub.add_parser("webhooks", help="webhooks waiting to be sent and the dead-letter list (JSON lines)")
     wh.add_argument("--spool", required=True, help="the daemon's spool directory")
@@ -371,6 +388,93 @@ def _cmd_dkim(args) -> int:
     return 0
 
 
+_EVENT_FILTERS = {"id": "id", "event": "event", "customer": "customer", "domain": "domain",
+                  "provider": "provider", "route": "site", "ip": "source", "type": "message_type",
+                  "category": "category"}
+_EVENT_HEADER = "  ".join(("time", "event", "id", "customer", "domain", "provider", "source", "category", "reply"))
+
+
+def _event_time(value: str | None, flag: str, now: float) -> float | None:
+    if value is None:
+        return None
+    try:
+        return now - parse_duration(value, flag)
+    except ConfigError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected ISO 8601 like 2026-11-24T08:00 or a duration ago like 2h, "
+                          f"got {value!r}") from None
+    return (when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)).timestamp()
+
+
+def _cmd_events(args) -> int:
+    from .daemon import spool_dirs
+    from .events import Query, count, event_files, follow, select
+
+    folders = [Path(args.dir)] if args.dir else [d / "events" for d in spool_dirs(args.spool)]
+    if not os.path.isdir(args.dir or args.spool):
+        raise ConfigError(f"--{'dir' if args.dir else 'spool'}: no such directory: {args.dir or args.spool}")
+    match = {field: [v for value in values for v in value.split(",")]
+             for field in _EVENT_FILTERS.values() if (values := getattr(args, field))}
+    now = time.time()
+    since, until = _event_time(args.since, "--since", now), _event_time(args.until, "--until", now)
+    query = Query(match=match, since=since or 0.0, until=until if until is not None else math.inf)
+    groups = args.group_by.split(",") if args.group_by else []
+    known = {"time", *_EVENT_FILTERS.values()}
+    for g in groups:
+        if g not in known:
+            raise ConfigError(f"--group-by: unknown field {g!r} (known: {', '.join(sorted(known))})")
+    if args.follow and (groups or len(folders) > 1):
+        raise ConfigError("--follow: one event folder, and no --group-by")
+    out = sys.stdout
+    if not args.json and not groups:
+        out.write(_EVENT_HEADER + "\n")
+    if args.follow:
+        try:
+            for ev, line in follow(folders[0], query):
+                out.write(line.decode() if args.json else _event_row(ev) + "\n")
+                out.flush()
+        except KeyboardInterrupt:
+            pass
+        return 0
+    files = sorted((f for folder in folders for f in event_files(folder)), key=lambda f: f.name)
+    found = select(files, query)
+    if groups:
+        counts = count((ev for ev, _ in found), groups)
+        rows = counts.most_common()
+        if args.json:
+            for key, n in rows:
+                out.write(orjson.dumps({**dict(zip(groups, key)), "count": n}).decode() + "\n")
+        else:
+            _print_table([*groups, "count"], [[*map(str, key), f"{n:,}"] for key, n in rows])
+        return 0
+    if args.limit:
+        found = collections.deque(found, maxlen=args.limit)
+    if args.json:
+        for _, line in found:
+            out.write(line.decode())
+    else:
+        for ev, _ in found:
+            out.write(_event_row(ev) + "\n")
+    return 0
+
+
+def _event_row(ev) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ev.time)) + f".{int(ev.time % 1 * 1000):03d}Z"
+    cells = [stamp, ev.event, ev.id, ev.customer or "-", ev.domain or "-", ev.provider or "-", ev.source or "-",
+             ev.category or "-", ev.reply[:120]]
+    return "  ".join(cells)
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) if i < len(row) - 1 else cell.rjust(w)
+                        for i, (cell, w) in enumerate(zip(row, widths))))
+
+
 def _cmd_webhooks(args) -> int:
     from .daemon import spool_dirs
     from .webhooks import read_outbox
@@ -402,7 +506,7 @@ def _cmd_demo(args) -> int:
 
 _COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "classify": _cmd_classify,
              "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo, "simulate": _cmd_simulate,
-             "egress": _cmd_egress, "dkim": _cmd_dkim, "webhooks": _cmd_webhooks}
+             "egress": _cmd_egress, "dkim": _cmd_dkim, "webhooks": _cmd_webhooks, "events": _cmd_events}
 
 if __name__ == "__main__":
     sys.exit(main())

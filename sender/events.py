@@ -16,8 +16,10 @@ same speed as orjson on a dict, without building the dict).
 
 from __future__ import annotations
 
+import calendar
 import collections
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-__all__ = ["Event", "EventLog", "event_files", "read_events"]
+__all__ = ["FIELDS", "Event", "EventLog", "Query", "count", "event_files", "follow", "read_events", "select"]
 
 log = logging.getLogger("sender.events")
 
@@ -66,6 +68,111 @@ def event_files(folder: str | os.PathLike) -> list[Path]:
         return sorted(p for p in Path(folder).iterdir() if p.name.endswith(SUFFIX))
     except FileNotFoundError:
         return []
+
+
+def file_hour(path: Path) -> float | None:
+    """The start of the UTC hour a file holds (from its name), or None for a name we did not write."""
+    try:
+        return calendar.timegm(time.strptime(path.name[:13], "%Y-%m-%dT%H"))
+    except ValueError:
+        return None
+
+
+# Fields a query may match exactly (several values: any of them).
+FIELDS = ("id", "event", "customer", "domain", "provider", "site", "source", "message_type", "category")
+
+
+class Query(msgspec.Struct, kw_only=True):
+    """Which events: each field given must match (one of its values); times are wall-clock."""
+
+    match: dict[str, list[str]] = {}        # field (of FIELDS) -> accepted values
+    since: float = 0.0
+    until: float = math.inf
+
+    def needles(self) -> list[list[bytes]]:
+        """Per field, the bytes one of which a matching line must contain (``"customer":"acme"``):
+        a line without them is skipped without being decoded."""
+        return [[b'"' + name.encode() + b'":' + _encode(v) for v in values] for name, values in self.match.items()
+                if "" not in values]         # an empty value is left out of the line: no bytes to look for
+
+    def accepts(self, ev: Event) -> bool:
+        return self.since <= ev.time < self.until and all(
+            getattr(ev, name) in values for name, values in self.match.items())
+
+
+def select(files: list[Path], query: Query) -> Iterator[tuple[Event, bytes]]:
+    """The events of ``files`` that ``query`` accepts, in order, each with its line. Files whose
+    hour lies outside the query's times are not opened; a line must contain the query's bytes
+    before it is decoded, so a narrow query over a big log costs little more than reading it."""
+    needles = query.needles()
+    for path in files:
+        hour = file_hour(path)
+        if hour is not None and (hour + 3600 <= query.since or hour >= query.until):
+            continue
+        with open(path, "rb") as f:
+            for line in f:
+                if needles and not all(any(n in line for n in alternatives) for alternatives in needles):
+                    continue
+                try:
+                    ev = _decode(line)
+                except msgspec.DecodeError:
+                    continue
+                if query.accepts(ev):
+                    yield ev, line
+
+
+def count(events: Iterator[Event], fields: list[str]) -> collections.Counter[tuple]:
+    """How many events per combination of ``fields`` (e.g. provider, category)."""
+    return collections.Counter(tuple(getattr(ev, f) for f in fields) for ev in events)
+
+
+def follow(folder: str | os.PathLike, query: Query, *, poll: float = 0.25,
+           stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[Event, bytes]]:
+    """Events as they are written from this call on (the end of the newest file is taken
+    now), moving on to each new hourly file, until ``stop()`` says so. Blocks between polls."""
+    folder = Path(folder)
+    files = event_files(folder)
+    path = files[-1] if files else None
+    return _follow(folder, query, path, path.stat().st_size if path is not None else 0, poll, stop)
+
+
+def _follow(folder: Path, query: Query, path: Path | None, offset: int, poll: float,
+            stop: Callable[[], bool]) -> Iterator[tuple[Event, bytes]]:
+    rest = b""
+    while not stop():
+        files = event_files(folder)
+        if files and (path is None or files[-1].name > path.name):
+            if path is not None:                # the end of the old hour first
+                yield from _lines(path, offset, query, rest)
+            path, offset, rest = files[-1], 0, b""
+            continue
+        if path is not None and path.stat().st_size > offset:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = rest + f.read()
+                offset = f.tell()
+            *whole, rest = data.split(b"\n")
+            yield from _matching(whole, query)
+            continue
+        time.sleep(poll)
+
+
+def _lines(path: Path, offset: int, query: Query, rest: bytes) -> Iterator[tuple[Event, bytes]]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        yield from _matching((rest + f.read()).split(b"\n"), query)
+
+
+def _matching(lines: list[bytes], query: Query) -> Iterator[tuple[Event, bytes]]:
+    for line in lines:
+        if not line:
+            continue
+        try:
+            ev = _decode(line)
+        except msgspec.DecodeError:
+            continue
+        if query.accepts(ev):
+            yield ev, line + b"\n"
 
 
 def read_events(files: list[Path]) -> Iterator[Event]:

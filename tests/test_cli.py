@@ -329,3 +329,47 @@ def test_webhooks_cli_shows_pending_and_dead_letters(tmp_path, capsys):
     assert (letter["customer"], letter["last_error"]) == ("acme", "HTTP 500")
     assert orjson.loads(letter["body"])["data"]["email_id"] == "A"
     assert main(["webhooks", "--spool", str(tmp_path / "nope")]) == 2
+
+
+def _event_log(folder, events):
+    from sender.events import Event, EventLog
+
+    log = EventLog(folder, now=lambda: events[-1][0])
+    for t, kind, customer, provider, category in events:
+        log.emit(Event(time=t, event=kind, id=f"{int(t):014X}000", customer=customer, domain="y.test",
+                       provider=provider, category=category, reply="421 4.7.0 try later" if category else ""))
+    log.close()
+
+
+def test_events_cli_filters_counts_and_prints_json(tmp_path, capsys):
+    base = 1_795_500_000.0
+    _event_log(tmp_path / "ev", [
+        (base + 1, "deferred", "acme", "microsoft", "rate_limited"),
+        (base + 2, "deferred", "acme", "microsoft", "rate_limited"),
+        (base + 3, "deferred", "beta", "microsoft", "reputation"),
+        (base + 4, "delivered", "acme", "google", ""),
+        (base + 5, "delivered", "", "microsoft", ""),
+    ])
+    assert main(["events", "--dir", str(tmp_path / "ev"), "--provider", "microsoft",
+                 "--group-by", "customer,category", "--json"]) == 0
+    rows = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [{"customer": "acme", "category": "rate_limited", "count": 2},
+                    {"customer": "beta", "category": "reputation", "count": 1},
+                    {"customer": "", "category": "", "count": 1}]
+    assert main(["events", "--dir", str(tmp_path / "ev"), "--event", "delivered", "--customer", "acme,beta",
+                 "--json"]) == 0
+    assert [orjson.loads(line)["provider"] for line in capsys.readouterr().out.splitlines()] == ["google"]
+    assert main(["events", "--dir", str(tmp_path / "ev"), "--customer", "", "--json"]) == 0   # mail of no customer
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    assert main(["events", "--dir", str(tmp_path / "ev"), "--since", "2026-11-24T06:00:03Z",
+                 "--until", "2026-11-24T06:00:05"]) == 0                  # no zone: UTC
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("time  event") and len(table) == 3
+    assert "beta" in table[1] and "google" in table[2]
+    assert main(["events", "--dir", str(tmp_path / "ev"), "--limit", "1"]) == 0           # the newest
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 and table[1].split()[1:2] == ["delivered"] and "microsoft" in table[1]
+    assert main(["events", "--dir", str(tmp_path / "ev"), "--group-by", "colour"]) == 2
+    assert "--group-by: unknown field 'colour'" in capsys.readouterr().err
+    assert main(["events", "--dir", str(tmp_path / "ev"), "--since", "yesterday-ish"]) == 2
+    assert "--since:" in capsys.readouterr().err
