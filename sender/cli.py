@@ -440,7 +440,7 @@ def _cmd_events(args) -> int:
             pass
         return 0
     files = sorted((f for folder in folders for f in event_files(folder)), key=lambda f: f.name)
-    found = select(files, query)
+    found = select(files, query, tuple(groups) if groups else None)
     if groups:
         counts = count((ev for ev, _ in found), groups)
         rows = counts.most_common()

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import calendar
 import collections
+import functools
 import logging
 import math
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -100,25 +102,62 @@ class Query(msgspec.Struct, kw_only=True):
             getattr(ev, name) in values for name, values in self.match.items())
 
 
-def select(files: list[Path], query: Query) -> Iterator[tuple[Event, bytes]]:
+def select(files: list[Path], query: Query, fields: tuple[str, ...] | None = None) -> Iterator[tuple[Event, bytes]]:
     """The events of ``files`` that ``query`` accepts, in order, each with its line. Files whose
     hour lies outside the query's times are not opened; a line must contain the query's bytes
-    before it is decoded, so a narrow query over a big log costs little more than reading it."""
+    before it is decoded, so a narrow query over a big log costs little more than reading it.
+
+    Args:
+      fields: decode only these (and the query's) fields: faster, for counting.
+    """
+    decode = _decode if fields is None else _partial_decoder(tuple(sorted({"time", *fields, *query.match})))
     needles = query.needles()
+    # With a field of one value, its bytes are searched for through the whole file, as grep
+    # does, and only the lines holding them are looked at.
+    scan = min((alternatives[0] for alternatives in needles if len(alternatives) == 1), key=len, default=None)
     for path in files:
         hour = file_hour(path)
         if hour is not None and (hour + 3600 <= query.since or hour >= query.until):
             continue
-        with open(path, "rb") as f:
-            for line in f:
+        if not path.stat().st_size:
+            continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            lines = iter(data.readline, b"") if scan is None else _lines_holding(data, scan)
+            for line in lines:
                 if needles and not all(any(n in line for n in alternatives) for alternatives in needles):
                     continue
                 try:
-                    ev = _decode(line)
+                    ev = decode(line)
                 except msgspec.DecodeError:
                     continue
                 if query.accepts(ev):
                     yield ev, line
+
+
+@functools.lru_cache(maxsize=8)
+def _partial_decoder(fields: tuple[str, ...]):
+    """A decoder of just ``fields`` of an event (the others are skipped, not built)."""
+    spec = []
+    for f in msgspec.structs.fields(Event):
+        if f.name in fields:
+            if f.default is not msgspec.NODEFAULT:
+                spec.append((f.name, f.type, f.default))
+            elif f.default_factory is not msgspec.NODEFAULT:
+                spec.append((f.name, f.type, msgspec.field(default_factory=f.default_factory)))
+            else:
+                spec.append((f.name, f.type))
+    return msgspec.json.Decoder(msgspec.defstruct("PartialEvent", spec, kw_only=True)).decode
+
+
+def _lines_holding(data: mmap.mmap, needle: bytes) -> Iterator[bytes]:
+    """The lines of ``data`` that contain ``needle``, in order, each once."""
+    at = data.find(needle)
+    while at >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at)
+        end = len(data) if end < 0 else end + 1
+        yield data[start:end]
+        at = data.find(needle, end)
 
 
 def count(events: Iterator[Event], fields: list[str]) -> collections.Counter[tuple]:
