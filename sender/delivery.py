@@ -796,6 +796,13 @@ class Dispatcher:
         return (sum(len(p.queue) for p in self.pools.values()) + len(self._timers) + len(self.shaper)
                 + sum(len(w) for w in self._resolving.values()))
 
+    def depth(self) -> dict[str, int]:
+        """Deliveries by where they wait: a retry timer (or a scheduled time), the shaper's
+        buckets, an MX lookup, a site's queue, or a transaction under way."""
+        return {"timer": len(self._timers), "throttled": len(self.shaper),
+                "resolving": sum(len(w) for w in self._resolving.values()),
+                "ready": sum(len(p.queue) for p in self.pools.values()), "in_flight": self.in_flight()}
+
     def waiting_retry(self) -> int:
         """Deliveries deferred and waiting for their next attempt."""
         return len(self._timers)

@@ -30,6 +30,7 @@ from .dsn import Report, parse as parse_report, verp_address, verp_id
 from .dkim import DkimError, Signer
 from .events import Event, EventLog
 from .webhooks import Webhooks
+from .metrics import Metrics
 from .mime import summary
 from .status import Email, EmailStatus, iso_utc
 from .ndr import build_report, wants_report
@@ -173,6 +174,9 @@ class Engine:
         self.webhooks = Webhooks(config.customer, config.webhooks, Path(sp.path) / "webhooks.log", self.now,
                                  on_write=self._webhook_written) if any(c.webhook for c in config.customer) else None
         self.events.subscribers.append(self.emails.observe)
+        self.metrics = Metrics(self)
+        self.events.subscribers.append(self.metrics.observe)
+        self.journal.on_fsync = self.metrics.fsync_done
         self._nursery: trio.Nursery | None = None
         self._drained = trio.Event()
 
@@ -528,7 +532,7 @@ class Engine:
     def _outcome(self, event: str, d: Delivery, rcpts: list[str], now: float, reply: Reply | None = None,
                  category: str = "", via=None, **fields) -> None:
         self._emit(Event(time=now, event=event, id=d.id, customer=d.customer, rcpts=list(rcpts), domain=d.domain,
-                         provider=via.provider if via is not None else "",
+                         age=max(0.0, now - d.received_at), provider=via.provider if via is not None else "",
                          site=via.site.key if via is not None else "",
                          source=via.source if via is not None else "",
                          message_type=d.message_type, reply=str(reply) if reply is not None else "",

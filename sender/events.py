@@ -53,6 +53,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     category: str = ""                  # classify.CATEGORIES
     attempts: int = 0
     next_at: float = 0.0                # deferred, scheduled, rescheduled: when it goes next
+    age: float = 0.0                    # outcomes: seconds since acceptance (or the scheduled time)
     detail: dict[str, object] = msgspec.field(default_factory=dict)
 
 

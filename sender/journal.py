@@ -45,6 +45,7 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -177,6 +178,7 @@ class Journal:
         self._dirty = False
         self._to_sync: dict[int, bool] = {}     # fd -> close it once synced (sealed segment)
         self._side: dict[int, int] = {}         # a side log's fd -> our dup of it, for the next batch
+        self.on_fsync: Callable[[float], None] | None = None     # told each group fsync's seconds
         self._batch_done = trio.Event()
         self._appended = trio.Event()         # set by the first append after a batch
         self._urgent = trio.Event()           # set by commit() and wait_durable()
@@ -438,6 +440,8 @@ class Journal:
                             # shielded scope here would cost more than the rest of the batch.)
                             syncer.finish()
                         self._last_fsync = trio.current_time() - start
+                        if self.on_fsync is not None:
+                            self.on_fsync(self._last_fsync)
                         self._fsyncs += 1
                 except trio.Cancelled:
                     done.set()          # the fsync did complete

@@ -571,3 +571,28 @@ async def test_every_malformed_field_is_422_naming_it_and_nothing_is_queued(tmp_
         r = await env.post("/emails/batch", [base(), base(to="a@@b.test")])
         assert r.status_code == 422 and r.json()["message"].startswith("[1].to")
         assert env.engine.counts["accepted"] == 0
+
+
+async def test_metrics_for_prometheus_behind_an_admin_key(tmp_path):
+    rules = '[[rule]]\nmatch = "gone@y.test"\naction = "reject"\nreply = "550 5.1.1 no such user"\n'
+    async with running(tmp_path, rules=rules) as env:
+        await sdk(resend.Emails.send, email())
+        await sdk(resend.Emails.send, email("gone@y.test"))
+        with trio.fail_after(BOUND):
+            while (env.engine.counts["delivered"], env.engine.counts["bounced"]) != (2, 1):   # and the report
+                await trio.sleep(0.01)
+        assert (await env.get("/metrics")).status_code == 401
+        r = await env.get("/metrics", key=ADMIN)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert samples["sender_accepted_total"] == 3                  # two, and the non-delivery report
+    assert samples['sender_outcomes_total{category="",event="delivered",provider=""}'] == 2
+    assert samples['sender_outcomes_total{category="invalid_recipient",event="bounced",provider=""}'] == 1
+    assert samples['sender_delivery_latency_seconds_count{provider=""}'] == 2
+    assert samples["sender_journal_fsync_seconds_count"] >= 1
+    assert samples["sender_queue_messages"] == 0
+    assert {'sender_queue_deliveries{state="timer"}', 'sender_queue_deliveries{state="in_flight"}'} <= set(samples)

@@ -37,6 +37,7 @@ from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
+from ..metrics import CONTENT_TYPE as METRICS_TYPE
 from ..status import Email, iso_utc
 from .peers import Peers
 
@@ -358,6 +359,9 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             stats["shard"] = f"{peers.index}/{peers.count}"     # this shard's figures only
         return _json(200, stats)
 
+    async def metrics(request: Request) -> Response:
+        return Response(engine.metrics.page(), media_type=METRICS_TYPE)
+
     async def admin_events(request: Request) -> Response:
         try:
             limit = int(request.query_params.get("limit", "100"))
@@ -487,6 +491,7 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                 Route("/emails/{id}", customer_endpoint(get_email), methods=["GET"]),
                 Route("/admin/emails/{id}", admin_endpoint(admin_get_email), methods=["GET"]),
                 Route("/admin/stats", admin_endpoint(admin_stats), methods=["GET"]),
+                Route("/metrics", admin_endpoint(metrics), methods=["GET"]),
                 Route("/admin/events", admin_endpoint(admin_events), methods=["GET"]),
                 Route("/admin/webhooks/dead", admin_endpoint(admin_dead_letters), methods=["GET"]),
                 Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"])],
