@@ -1,5 +1,5 @@
-"""The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, events, dkim,
-webhooks, simulate, demo.
+"""The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, events, explain,
+dkim, webhooks, simulate, demo.
 
 Each subcommand parses its flags, builds the same objects the Python API uses, and reports
 bad input as one line naming the flag or config key, with exit status 2.
@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--follow", action="store_true", help="print events as they are written, until interrupted")
     ev.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     ev.add_argument("--limit", type=_positive_int("--limit"), help="at most this many events (the newest)")
+
+    ex = sub.add_parser("explain", help="one message's story: events, attempts, automation on its paths, now")
+    ex.add_argument("id", help="the message id")
+    ex.add_argument("--spool", required=True, help="the daemon's spool directory")
+    ex.add_argument("--json", action="store_true", help="the gathered story as JSON")
 
     wh = sub.add_parser("webhooks", help="webhooks waiting to be sent and the dead-letter list (JSON lines)")
     wh.add_argument("--spool", required=True, help="the daemon's spool directory")
@@ -475,6 +480,17 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
                         for i, (cell, w) in enumerate(zip(row, widths))))
 
 
+def _cmd_explain(args) -> int:
+    from .daemon import spool_dirs
+    from .explain import explain, render
+
+    if not os.path.isdir(args.spool):
+        raise ConfigError(f"--spool: no such directory: {args.spool}")
+    story = explain(spool_dirs(args.spool), args.id)
+    print(msgspec.json.encode(story).decode() if args.json else render(story))
+    return 0 if story.events or story.queued else 1
+
+
 def _cmd_webhooks(args) -> int:
     from .daemon import spool_dirs
     from .webhooks import read_outbox
@@ -506,7 +522,8 @@ def _cmd_demo(args) -> int:
 
 _COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "classify": _cmd_classify,
              "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo, "simulate": _cmd_simulate,
-             "egress": _cmd_egress, "dkim": _cmd_dkim, "webhooks": _cmd_webhooks, "events": _cmd_events}
+             "egress": _cmd_egress, "dkim": _cmd_dkim, "webhooks": _cmd_webhooks, "events": _cmd_events,
+             "explain": _cmd_explain}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,6 +62,8 @@ class Outcomes(Protocol):
         are read)."""
     async def settle(self) -> None:
         """Return once the outcomes reported so far are as durable as the policy asks."""
+    def action_taken(self, action: Action) -> None:
+        """An automation rule fired (an event: ``sender explain`` shows it)."""
 
 
 class PoolStatistics(msgspec.Struct, frozen=True):
@@ -589,6 +591,7 @@ class Dispatcher:
         if pool.provider and self.egress.adaptive.get(pool.provider) is not None:
             self._apply_pair_rate(pool.source, pool.provider, now)
         for action in fired:
+            self.outcomes.action_taken(action)
             self._take(action, now)
 
     def reputation_later(self, source: str, rcpt: str, kind: str, category: str, now: float) -> None:

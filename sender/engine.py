@@ -28,6 +28,7 @@ from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
 from .dkim import DkimError, Signer
+from .routing import describe_action
 from .events import Event, EventLog
 from .webhooks import Webhooks
 from .metrics import Metrics
@@ -496,6 +497,11 @@ class Engine:
         hooks = self.webhooks
         if notify and hooks is not None and (kind := _WEBHOOK_TYPES.get(ev.event)) and hooks.wants(ev.customer, kind):
             hooks.emit(ev.customer, kind, self._webhook_data(ev, kind), ev.time)
+
+    def action_taken(self, action) -> None:
+        self._emit(Event(time=action.started, event="automation", source=action.source, provider=action.provider,
+                         site=action.site, detail={"rule": action.rule, "action": describe_action(action),
+                                                   "until": action.until, "replies": action.replies}))
 
     def _webhook_written(self) -> None:
         # The outbox is fsynced with the journal's next batch, before the outcome records

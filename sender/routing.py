@@ -42,7 +42,7 @@ from .files import replace_file
 from .model import Delivery, Reply
 from .reputation import AIMD, Reputation
 
-__all__ = ["BUILTIN_WARMUP", "Choice", "Egress", "Source", "Pool", "DAY", "read_state"]
+__all__ = ["BUILTIN_WARMUP", "Choice", "Egress", "Source", "Pool", "DAY", "describe_action", "read_state"]
 
 log = logging.getLogger("sender.egress")
 
@@ -343,7 +343,7 @@ class Egress:
             self.fired.append(action)
             log.warning("automation: rule %r fired for %s toward %s: %s until %s, after: %s", action.rule,
                         action.source or "the default source", action.site or action.provider,
-                        _describe(action), datetime.datetime.fromtimestamp(action.until, datetime.timezone.utc)
+                        describe_action(action), datetime.datetime.fromtimestamp(action.until, datetime.timezone.utc)
                         .isoformat(timespec="seconds"), " | ".join(action.replies))
         return fired
 
@@ -393,7 +393,7 @@ class Egress:
             self.state.rates[f"{source}>{provider}"] = self._aimd[(source, provider)].rate
         ended = self.automation.expire(now)
         for action in ended:
-            log.warning("automation: %s for %s toward %s (rule %r) ended", _describe(action),
+            log.warning("automation: %s for %s toward %s (rule %r) ended", describe_action(action),
                         action.source or "the default source", action.site or action.provider, action.rule)
         if changed or ended:
             self.dirty = True
@@ -442,13 +442,14 @@ def read_state(path: str | os.PathLike) -> dict | None:
         "sent_today": state.sent,
         "warmup_stages": state.stages,
         "adaptive_rates": state.rates,
-        "actions": [{"rule": a.rule, "action": _describe(a), "source": a.source,
+        "actions": [{"rule": a.rule, "action": describe_action(a), "source": a.source,
                      "toward": a.site or a.provider, "since": when(a.started), "until": when(a.until),
                      "replies": a.replies} for a in state.actions],
     }
 
 
-def _describe(action: Action) -> str:
+def describe_action(action: Action) -> str:
+    """What an action does, in a few words ("suspend", "max_message_rate 10/m", ...)."""
     if action.kind == "max_message_rate":
         return f"max_message_rate {action.max_message_rate}"
     if action.kind == "connection_limit":

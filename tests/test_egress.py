@@ -372,3 +372,33 @@ async def test_a_reload_moves_new_mail_to_the_new_pools(tmp_path, autojump_clock
         n.cancel_scope.cancel()
     by_domain = Counter((rcpt.partition("@")[2], ip) for _, ip, rcpt in other.seen)
     assert by_domain == {("other.test", "127.0.0.2"): 5, ("late.test", "127.0.0.5"): 5}
+
+
+async def test_explain_tells_the_deferrals_the_automation_and_the_delivery(tmp_path, autojump_clock, capsys):
+    from sender.explain import explain, render
+
+    google = SourceSink(provider="google", rate_limit="1/h", limited_sources=["127.0.0.3"])
+    cfg = config(tmp_path, pools={"shared": {"sources": ["ip2", "ip3"]}},
+                 automation={"default_rules": False, "rule": [SUSPEND_ON_GMAIL_RATE_LIMIT]})
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(**{GOOGLE_MX: google}))
+        await submit_many(engine, 40, "gmail.test")
+        await until(lambda: engine.counts["delivered"] == 40, step=10)
+        n.cancel_scope.cancel()
+    spool = tmp_path / "spool"
+    lines = [orjson.loads(line) for f in sorted((spool / "events").iterdir()) for line in f.read_bytes().splitlines()]
+    deferred = {e["id"] for e in lines if e["event"] == "deferred" and e.get("source") == "127.0.0.3"}
+    msg_id = sorted(deferred)[0]
+    story = explain([spool], msg_id)
+    text = render(story)
+    assert [e.event for e in story.events][0] == "accepted" and story.events[-1].event == "delivered"
+    assert story.events[-1].source == "127.0.0.2" and not story.queued
+    assert "via 127.0.0.3 -> " in text and "4.7.28" in text and "[rate_limited]" in text and "attempt 1" in text
+    # The rule fired while this message waited for its retry.
+    assert [a.detail["rule"] for a in story.actions] == ["gmail-rate-limit-suspend"]
+    assert "rule gmail-rate-limit-suspend: suspend 127.0.0.3 toward google until " in text
+    assert [e["detail"]["rule"] for e in lines if e["event"] == "automation"] == ["gmail-rate-limit-suspend"]
+    assert text.splitlines()[-1] == "now: done (delivered)"
+    assert main(["explain", msg_id, "--spool", str(spool), "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["id"] == msg_id
+    assert main(["explain", "0000000000000000F", "--spool", str(spool)]) == 1
