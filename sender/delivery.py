@@ -799,6 +799,28 @@ class Dispatcher:
         return (sum(len(p.queue) for p in self.pools.values()) + len(self._timers) + len(self.shaper)
                 + sum(len(w) for w in self._resolving.values()))
 
+    def where(self, d: Delivery, now: float) -> dict:
+        """Where a queued delivery waits, and why (for explain): its retry timer (or scheduled
+        time), an MX lookup, the bucket that holds it and until when, a site's queue, or none
+        of these (a transaction under way)."""
+        if d.next_at > now:
+            return {"state": "timer", "until": d.next_at}
+        if any(w is d for w in self._resolving.get(d.domain, ())):
+            return {"state": "resolving"}
+        entry = self._domain_site.get(d.domain)
+        for pool in self.pools.values():
+            if entry is None or pool.site is not entry[0]:
+                continue
+            where = {"site": pool.site.key, "source": pool.source, "provider": pool.provider}
+            if any(q is d for q in pool.queue):
+                return {"state": "ready", **where}
+            held = self.shaper.held(d, pool, now)
+            if held is not None:
+                return {"state": "throttled", "bucket": held[0], "until": held[1], **where}
+            if self.shaper.has_queue(d, pool):
+                return {"state": "shaper", **where}     # its turn in the shaper's queue (or being sent)
+        return {"state": "in_flight"}
+
     def depth(self) -> dict[str, int]:
         """Deliveries by where they wait: a retry timer (or a scheduled time), the shaper's
         buckets, an MX lookup, a site's queue, or a transaction under way."""

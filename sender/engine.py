@@ -471,6 +471,14 @@ class Engine:
         body = self.body(d)
         return body if self.signer is None else self.signer.sign(body, self.now())
 
+    def where(self, msg_id: str) -> list[dict]:
+        """Where each part of a queued message waits now, and why (see Dispatcher.where)."""
+        entry = self._live.get(msg_id)
+        parts = [] if entry is None else entry if isinstance(entry, list) else [entry]
+        now = self.now()
+        return [{"rcpts": list(p.rcpts), "attempts": p.attempts, "next_at": p.next_at, "customer": p.customer,
+                 **self.dispatcher.where(p, now)} for p in parts]
+
     def email(self, msg_id: str) -> Email | None:
         """A message's summary and last event: from the event log's account of recent
         messages, or, for an older one still queued, from its journal record."""

@@ -18,7 +18,7 @@ import msgspec
 from .events import Event, Query, event_files, file_hour, select
 from .journal import Journal
 
-__all__ = ["Story", "explain", "render"]
+__all__ = ["Story", "explain", "explain_live", "render"]
 
 HOUR = 3600.0
 
@@ -37,10 +37,30 @@ def _id_time(msg_id: str) -> float:
         return 0.0
 
 
-def explain(spool_dirs: list[Path], msg_id: str, event_dirs: list[Path] | None = None) -> Story:
-    """Gather the story of ``msg_id`` from ``spool_dirs`` (a shard's own, or every one) and their
-    event folders (``event_dirs``: default ``SPOOL/events``)."""
-    folders = event_dirs or [d / "events" for d in spool_dirs]
+def explain(spool_dirs: list[Path], msg_id: str) -> Story:
+    """Gather the story of ``msg_id`` from ``spool_dirs`` (a shard's own, or every one): their
+    event folders and journals."""
+    events, actions = _told(msg_id, [d / "events" for d in spool_dirs])
+    queued = []
+    for d in spool_dirs:
+        live = Journal(d).replay(read_only=True) if any(d.glob("*.seg")) else {}
+        entry = live.get(msg_id)
+        if entry is not None:
+            queued.append({"rcpts": entry.rcpts, "attempts": entry.attempts, "next_at": entry.next_at,
+                           "customer": entry.customer, "spool": str(d)})
+    return Story(msg_id, events, actions, queued)
+
+
+def explain_live(msg_id: str, folder: Path, queued: list[dict]) -> Story:
+    """The story told by a running engine: its event ``folder`` (flushed by the caller) and
+    ``queued``, where each part waits now and why (``Engine.where``). Reads only files: it
+    may run in a worker thread."""
+    events, actions = _told(msg_id, [folder])
+    return Story(msg_id, events, actions, queued)
+
+
+def _told(msg_id: str, folders: list[Path]) -> tuple[list[Event], list[Event]]:
+    """The message's events, and the automation actions on its paths while it was queued."""
     files = sorted((f for folder in folders for f in event_files(folder)), key=lambda f: f.name)
     accepted = _id_time(msg_id)
     # Nothing about a message comes before its id's time (an hour's slack for clocks).
@@ -52,18 +72,23 @@ def explain(spool_dirs: list[Path], msg_id: str, event_dirs: list[Path] | None =
         first, last = events[0].time, events[-1].time
         actions = [ev for ev, _ in select(files, Query(match={"event": ["automation"]}, since=first, until=last + 1))
                    if (ev.source, ev.provider) in paths]
-    queued = []
-    for d in spool_dirs:
-        live = Journal(d).replay(read_only=True) if any(d.glob("*.seg")) else {}
-        entry = live.get(msg_id)
-        if entry is not None:
-            queued.append({"rcpts": entry.rcpts, "attempts": entry.attempts, "next_at": entry.next_at,
-                           "customer": entry.customer, "spool": str(d)})
-    return Story(msg_id, events, actions, queued)
+    return events, actions
 
 
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _waits(q: dict) -> str:
+    state = q.get("state")
+    via = f" ({q['source']} -> {q['site']})" if q.get("site") else ""
+    if state == "throttled":
+        return f"held by the {q['bucket']} bucket until {_when(q['until'])}{via}"
+    if state == "timer" or (state is None and q["next_at"]):
+        return f"next attempt at {_when(q.get('until') or q['next_at'])}"
+    return {"resolving": "waiting for its MX lookup", "ready": f"ready, waiting for a connection{via}",
+            "shaper": f"waiting its turn in the shaper (or being sent){via}",
+            "in_flight": "being sent"}.get(state, "waiting for its turn")
 
 
 def _one_line(reply: str, limit: int = 160) -> str:
@@ -108,8 +133,7 @@ def render(story: Story) -> str:
         out.append(line)
     if story.queued:
         for q in story.queued:
-            wait = f"next attempt at {_when(q['next_at'])}" if q["next_at"] else "waiting for its turn"
-            out.append(f"now: queued for {', '.join(q['rcpts'])}: {q['attempts']} attempt(s) so far, {wait}")
+            out.append(f"now: queued for {', '.join(q['rcpts'])}: {q['attempts']} attempt(s) so far, {_waits(q)}")
     else:
         final = [ev for ev in story.events if ev.event in ("delivered", "bounced", "expired", "failed", "canceled")]
         out.append(f"now: done ({', '.join(sorted({ev.event for ev in final})) or 'no final event recorded'})")

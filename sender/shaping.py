@@ -333,6 +333,10 @@ class Shaper:
         got = self.scheduler.held(qid, now) if qid is not None else None
         return (self.scheduler.bucket_name(got[0]), got[1]) if got else None
 
+    def has_queue(self, d: Delivery, path: Path) -> bool:
+        """Whether ``d``'s (customer, domain, path) has a queue here (it may wait in it)."""
+        return (d.customer, d.domain, path) in self._queues
+
     def __len__(self) -> int:
         return len(self.scheduler)
 

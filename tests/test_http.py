@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from email import message_from_bytes
 
 import dkim
+import msgspec
 import dns.resolver
 import httpx
 import pytest
@@ -596,3 +597,23 @@ async def test_metrics_for_prometheus_behind_an_admin_key(tmp_path):
     assert samples["sender_journal_fsync_seconds_count"] >= 1
     assert samples["sender_queue_messages"] == 0
     assert {'sender_queue_deliveries{state="timer"}', 'sender_queue_deliveries{state="in_flight"}'} <= set(samples)
+
+
+async def test_explain_tells_which_bucket_holds_a_queued_email_and_until_when(tmp_path):
+    from sender.explain import Story, render
+
+    shaping = {"shaping": {"customer": {"acme": {"max_message_rate": "1/h"}}}}
+    async with running(tmp_path, extra=shaping) as env:
+        first = await sdk(resend.Emails.send, email("one@y.test"))
+        second = await sdk(resend.Emails.send, email("two@y.test"))
+        await env.wait_received(1)                              # the hour's one token went to the first
+        r = await env.get(f"/admin/explain/{second['id']}", key=ADMIN)
+        assert r.status_code == 200
+        story = msgspec.json.decode(r.content, type=Story)
+        [part] = story.queued
+        assert (part["state"], part["bucket"], part["rcpts"]) == ("throttled", "customer:acme", ["two@y.test"])
+        assert 3000 < part["until"] - env.engine.now() <= 3600
+        assert "held by the customer:acme bucket until" in render(story)
+        done = msgspec.json.decode((await env.get(f"/admin/explain/{first['id']}", key=ADMIN)).content, type=Story)
+        assert [e.event for e in done.events] == ["accepted", "delivered"] and done.queued == []
+        assert (await env.get(f"/admin/explain/{second['id']}")).status_code == 401      # a customer's key

@@ -37,6 +37,7 @@ from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
+from ..explain import explain_live
 from ..metrics import CONTENT_TYPE as METRICS_TYPE
 from ..status import Email, iso_utc
 from .peers import Peers
@@ -359,6 +360,13 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             stats["shard"] = f"{peers.index}/{peers.count}"     # this shard's figures only
         return _json(200, stats)
 
+    async def admin_explain(request: Request) -> Response:
+        msg_id = request.path_params["id"]
+        engine.events.flush()
+        queued = engine.where(msg_id)           # here, on the loop; the files in a thread
+        story = await trio.to_thread.run_sync(explain_live, msg_id, engine.events.folder, queued)
+        return Response(msgspec.json.encode(story), media_type="application/json")
+
     async def metrics(request: Request) -> Response:
         return Response(engine.metrics.page(), media_type=METRICS_TYPE)
 
@@ -492,6 +500,7 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                 Route("/admin/emails/{id}", admin_endpoint(admin_get_email), methods=["GET"]),
                 Route("/admin/stats", admin_endpoint(admin_stats), methods=["GET"]),
                 Route("/metrics", admin_endpoint(metrics), methods=["GET"]),
+                Route("/admin/explain/{id}", admin_endpoint(admin_explain), methods=["GET"]),
                 Route("/admin/events", admin_endpoint(admin_events), methods=["GET"]),
                 Route("/admin/webhooks/dead", admin_endpoint(admin_dead_letters), methods=["GET"]),
                 Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"])],
