@@ -1,5 +1,5 @@
 """The ``sender`` command: run, sink, queue, classify, dsn, suppression, egress, events, explain,
-dkim, webhooks, simulate, demo.
+ctl, dkim, webhooks, simulate, demo.
 
 Each subcommand parses its flags, builds the same objects the Python API uses, and reports
 bad input as one line naming the flag or config key, with exit status 2.
@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("id", help="the message id")
     ex.add_argument("--spool", required=True, help="the daemon's spool directory")
     ex.add_argument("--json", action="store_true", help="the gathered story as JSON")
+
+    ctl = sub.add_parser("ctl", help="pause or resume sending on a running daemon (through its admin API)")
+    ctl.add_argument("action", choices=("pause", "resume", "pauses"))
+    scope = ctl.add_mutually_exclusive_group()
+    for name in ("customer", "domain", "provider", "source", "pool"):
+        scope.add_argument(f"--{name}", metavar="VALUE")
+    ctl.add_argument("--reason", help="why (required for pause and resume): kept with the change")
+    ctl.add_argument("--who", default=os.environ.get("USER", ""), help="who makes the change (default: $USER)")
+    ctl.add_argument("--url", default="http://127.0.0.1:8025", help="the daemon's HTTP API (listen.http)")
+    ctl.add_argument("--key", default=os.environ.get("SENDER_ADMIN_KEY", ""),
+                     help="an admin key (default: $SENDER_ADMIN_KEY)")
 
     wh = sub.add_parser("webhooks", help="webhooks waiting to be sent and the dead-letter list (JSON lines)")
     wh.add_argument("--spool", required=True, help="the daemon's spool directory")
@@ -491,6 +502,39 @@ def _cmd_explain(args) -> int:
     return 0 if story.events or story.queued else 1
 
 
+def _cmd_ctl(args) -> int:
+    from .httpclient import request
+
+    if not args.key:
+        raise ConfigError("--key: an admin key is needed (or set SENDER_ADMIN_KEY)")
+    headers = {"authorization": f"Bearer {args.key}", "content-type": "application/json"}
+    if args.action == "pauses":
+        method, path, body = "GET", "/admin/pauses", b""
+    else:
+        scopes = [(n, v) for n in ("customer", "domain", "provider", "source", "pool") if (v := getattr(args, n))]
+        if not scopes:
+            raise ConfigError("--customer, --domain, --provider, --source or --pool: say what to "
+                              f"{args.action}")
+        if not args.reason:
+            raise ConfigError("--reason: required, so that whoever looks next knows why")
+        method, path = "POST", f"/admin/{args.action}"
+        body = orjson.dumps({scopes[0][0]: scopes[0][1], "reason": args.reason, "who": args.who})
+    try:
+        answer = trio.run(request, method, args.url.rstrip("/") + path, headers, body, 30.0)
+    except (OSError, ValueError, trio.TooSlowError) as e:
+        raise ConfigError(f"--url: cannot reach {args.url}: {e}") from None
+    text = answer.body.decode("utf-8", "replace")
+    if answer.status != 200:
+        try:
+            text = orjson.loads(answer.body)["message"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            pass
+        print(f"sender ctl {args.action}: {answer.status}: {text}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
 def _cmd_webhooks(args) -> int:
     from .daemon import spool_dirs
     from .webhooks import read_outbox
@@ -523,7 +567,7 @@ def _cmd_demo(args) -> int:
 _COMMANDS = {"run": _cmd_run, "sink": _cmd_sink, "queue": _cmd_queue, "classify": _cmd_classify,
              "dsn": _cmd_dsn, "suppression": _cmd_suppression, "demo": _cmd_demo, "simulate": _cmd_simulate,
              "egress": _cmd_egress, "dkim": _cmd_dkim, "webhooks": _cmd_webhooks, "events": _cmd_events,
-             "explain": _cmd_explain}
+             "explain": _cmd_explain, "ctl": _cmd_ctl}
 
 if __name__ == "__main__":
     sys.exit(main())

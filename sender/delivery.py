@@ -32,6 +32,7 @@ import outcome
 import trio
 
 from .automation import Action
+from .controls import Controls
 from .config import Config, parse_hostport
 from .dns import NullMX, Resolver
 from .errors import ConnectError, DNSError, SessionError
@@ -508,6 +509,8 @@ class Dispatcher:
         self._sites: dict[str, Site] = {}
         self._resolving: dict[str, list[Delivery]] = {}
         self._timers = TimerHeap()
+        self.controls: Controls | None = None      # operators' pauses (set by the engine)
+        self._paused: list[tuple[Delivery, SitePool]] = []     # held by a pause, in the order they came
         self._wakeup = trio.Event()
         self._sleep_until = -math.inf               # when the clock loop wakes by itself
         self._reaper_wanted = trio.Event()
@@ -700,6 +703,9 @@ class Dispatcher:
         shaper = self.shaper
         while (got := shaper.pop(now)) is not None:
             pool, d = got
+            if self.controls is not None and self.controls.pauses and self.controls.holds(d, pool):
+                self._paused.append((d, pool))
+                continue
             if now >= d.received_at + self.shaper.rules.retry_policy(d.domain, pool.provider).max_age:
                 held = f" (held by {pool.key})" if d.attempts == 0 else ""
                 self.failed(d, d.rcpts, _local_reply(_LOCAL_TEMP, "4.4.7", f"message expired in the queue{held}"),
@@ -799,10 +805,38 @@ class Dispatcher:
         return (sum(len(p.queue) for p in self.pools.values()) + len(self._timers) + len(self.shaper)
                 + sum(len(w) for w in self._resolving.values()))
 
+    def controls_changed(self) -> None:
+        """A pause was set or lifted: take what it now holds out of the sites' queues (a
+        transaction under way finishes), and send on what no pause holds any more."""
+        controls = self.controls
+        assert controls is not None
+        for pool in self.pools.values():
+            held = [d for d in pool.queue if controls.holds(d, pool)]
+            if held:
+                gone = {id(d) for d in held}
+                pool.queue = deque(d for d in pool.queue if id(d) not in gone)
+                self._paused += [(d, pool) for d in held]
+        waiting, self._paused = self._paused, []
+        now = self.now()
+        for d, pool in waiting:
+            if controls.holds(d, pool):
+                self._paused.append((d, pool))
+            elif d.rcpts:               # (gone meanwhile, e.g. expired: nothing to send)
+                self.submit(d, now)     # through the shaper again: its limits apply from now
+
+    def paused(self) -> int:
+        return len(self._paused)
+
     def where(self, d: Delivery, now: float) -> dict:
         """Where a queued delivery waits, and why (for explain): its retry timer (or scheduled
         time), an MX lookup, the bucket that holds it and until when, a site's queue, or none
         of these (a transaction under way)."""
+        for p, pool in self._paused:
+            if p is d:
+                pause = self.controls.holds(d, pool) if self.controls is not None else None
+                return {"state": "paused", "site": pool.site.key, "source": pool.source,
+                        **({"scope": pause.scope, "value": pause.value, "by": pause.who, "reason": pause.reason}
+                           if pause is not None else {})}
         if d.next_at > now:
             return {"state": "timer", "until": d.next_at}
         if any(w is d for w in self._resolving.get(d.domain, ())):
@@ -824,7 +858,7 @@ class Dispatcher:
     def depth(self) -> dict[str, int]:
         """Deliveries by where they wait: a retry timer (or a scheduled time), the shaper's
         buckets, an MX lookup, a site's queue, or a transaction under way."""
-        return {"timer": len(self._timers), "throttled": len(self.shaper),
+        return {"timer": len(self._timers), "throttled": len(self.shaper), "paused": len(self._paused),
                 "resolving": sum(len(w) for w in self._resolving.values()),
                 "ready": sum(len(p.queue) for p in self.pools.values()), "in_flight": self.in_flight()}
 

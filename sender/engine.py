@@ -27,6 +27,7 @@ from .config import Config, ConfigError
 from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
+from .controls import Change, Controls
 from .dkim import DkimError, Signer
 from .routing import describe_action
 from .events import Event, EventLog
@@ -176,6 +177,10 @@ class Engine:
                                  on_write=self._webhook_written) if any(c.webhook for c in config.customer) else None
         self.events.subscribers.append(self.emails.observe)
         self.metrics = Metrics(self)
+        self.controls = Controls(Path(sp.path) / "controls.log", pools={
+            name: {config.source[s].address for s in pc.sources if s in config.source}
+            for name, pc in config.pool.items()})
+        self.dispatcher.controls = self.controls
         self.events.subscribers.append(self.metrics.observe)
         self.journal.on_fsync = self.metrics.fsync_done
         self._nursery: trio.Nursery | None = None
@@ -470,6 +475,22 @@ class Engine:
         takes effect for mail already queued)."""
         body = self.body(d)
         return body if self.signer is None else self.signer.sign(body, self.now())
+
+    def control(self, action: str, scope: str, value: str, who: str, reason: str) -> Change:
+        """Pause or resume sending for a customer, recipient domain, provider, source IP or
+        pool; durable when this returns, an event, and in force at once.
+
+        Raises:
+          ControlError: naming the field at fault (a reason is required).
+        """
+        change = self.controls.change(action, scope, value, who, reason, self.now())
+        fields = {scope: change.value} if scope in ("customer", "domain", "provider", "source") else {}
+        self._emit(Event(time=change.at, event="paused" if action == "pause" else "resumed",
+                         detail={"scope": scope, "value": change.value, "who": change.who, "reason": change.reason},
+                         **fields), notify=False)
+        self.dispatcher.controls_changed()
+        log.warning("%s %s %r by %s: %s", action, scope, change.value, change.who, change.reason)
+        return change
 
     def where(self, msg_id: str) -> list[dict]:
         """Where each part of a queued message waits now, and why (see Dispatcher.where)."""

@@ -373,3 +373,31 @@ def test_events_cli_filters_counts_and_prints_json(tmp_path, capsys):
     assert "--group-by: unknown field 'colour'" in capsys.readouterr().err
     assert main(["events", "--dir", str(tmp_path / "ev"), "--since", "yesterday-ish"]) == 2
     assert "--since:" in capsys.readouterr().err
+
+
+def test_ctl_pauses_and_resumes_through_a_running_daemon(tmp_path, capsys):
+    port = free_port()
+    cfg = tmp_path / "ctl.toml"
+    cfg.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n[listen]\nsmtp = ""\nhttp = "127.0.0.1:{port}"\n'
+                   f'admin_keys = ["adm_k"]\n[[customer]]\nid = "acme"\napi_keys = ["re_k"]\n')
+    proc = spawn(["run", "--config", str(cfg)], tmp_path / "run.out")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_line(proc, tmp_path / "run.out", r"listening on .*\(HTTP\)")
+        assert main(["ctl", "pause", "--customer", "acme", "--url", url, "--key", "adm_k"]) == 2
+        assert "--reason: required" in capsys.readouterr().err
+        assert main(["ctl", "pause", "--customer", "acme", "--reason", "bounce storm", "--who", "ops",
+                     "--url", url, "--key", "adm_k"]) == 0
+        change = orjson.loads(capsys.readouterr().out)
+        assert (change["scope"], change["value"], change["who"], change["reason"]) == (
+            "customer", "acme", "ops", "bounce storm")
+        assert main(["ctl", "pauses", "--url", url, "--key", "re_k"]) == 1         # not an admin key
+        assert "401" in capsys.readouterr().err
+        assert main(["ctl", "resume", "--customer", "acme", "--reason", "over", "--url", url, "--key", "adm_k"]) == 0
+        capsys.readouterr()
+        assert main(["ctl", "pauses", "--url", url, "--key", "adm_k"]) == 0
+        assert orjson.loads(capsys.readouterr().out) == {"data": []}
+    finally:
+        stop(proc)
+    assert main(["ctl", "pauses", "--url", url, "--key", "adm_k"]) == 2         # nobody listens now
+    assert "--url: cannot reach" in capsys.readouterr().err

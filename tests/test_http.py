@@ -617,3 +617,25 @@ async def test_explain_tells_which_bucket_holds_a_queued_email_and_until_when(tm
         done = msgspec.json.decode((await env.get(f"/admin/explain/{first['id']}", key=ADMIN)).content, type=Story)
         assert [e.event for e in done.events] == ["accepted", "delivered"] and done.queued == []
         assert (await env.get(f"/admin/explain/{second['id']}")).status_code == 401      # a customer's key
+
+
+async def test_an_admin_pauses_a_customer_with_a_reason_and_resumes_it(tmp_path):
+    async with running(tmp_path) as env:
+        r = await env.post("/admin/pause", {"customer": "acme", "who": "ops@x"}, key=ADMIN)
+        assert r.status_code == 422 and r.json()["message"].startswith("reason:")
+        assert (await env.post("/admin/pause", {"customer": "acme", "reason": "storm"})).status_code == 401
+        r = await env.post("/admin/pause", {"customer": "acme", "reason": "bounce storm", "who": "ops@x"}, key=ADMIN)
+        assert r.status_code == 200 and r.json()["scope"] == "customer"
+        assert [p["value"] for p in (await env.get("/admin/pauses", key=ADMIN)).json()["data"]] == ["acme"]
+        held = await sdk(resend.Emails.send, email("held@y.test"))          # accepted, not sent
+        other = env.engine.config.customer[1].api_keys[0]
+        r = await env.post("/emails", email("free@y.test"), key=other)
+        await env.wait_received(1)
+        assert [m[1] for m in env.sink.received] == [["free@y.test"]]
+        story = (await env.get(f"/admin/explain/{held['id']}", key=ADMIN)).json()
+        assert story["queued"][0]["state"] == "paused" and story["queued"][0]["reason"] == "bounce storm"
+        r = await env.post("/admin/resume", {"customer": "acme", "reason": "storm over"}, key=ADMIN)
+        assert r.status_code == 200
+        await env.wait_received(2)
+        r = await env.post("/admin/resume", {"customer": "acme", "reason": "again"}, key=ADMIN)
+        assert r.status_code == 422 and "not paused" in r.json()["message"]

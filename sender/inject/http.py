@@ -37,6 +37,7 @@ from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
+from ..controls import SCOPES, ControlError
 from ..explain import explain_live
 from ..metrics import CONTENT_TYPE as METRICS_TYPE
 from ..status import Email, iso_utc
@@ -367,6 +368,38 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
         story = await trio.to_thread.run_sync(explain_live, msg_id, engine.events.folder, queued)
         return Response(msgspec.json.encode(story), media_type="application/json")
 
+    async def admin_control(request: Request) -> Response:
+        """``POST /admin/pause`` or ``/admin/resume`` with ``{"customer": "acme", "reason":
+        "...", "who": "..."}`` (one of customer, domain, provider, source, pool). On a sharded
+        daemon every shard makes the change."""
+        body = await _read_body(request, 64 * 1024)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise _validation(f"invalid JSON: {e}") from None
+        if not isinstance(payload, dict):
+            raise _validation("the body must be an object")
+        scopes = [k for k in SCOPES if k in payload]
+        if len(scopes) != 1 or not isinstance(payload[scopes[0]], str):
+            raise _validation(f"one of {', '.join(SCOPES)} is required, as a string (exactly one)")
+        for field in ("reason", "who"):
+            if not isinstance(payload.get(field, ""), str):
+                raise _validation(f"{field}: must be a string")
+        action = request.url.path.rsplit("/", 1)[1]
+        try:
+            change = engine.control(action, scopes[0], payload[scopes[0]], payload.get("who", ""),
+                                    payload.get("reason", ""))
+        except ControlError as e:
+            raise _validation(str(e)) from None
+        if peers is not None and not peers.from_peer(request):
+            for shard in range(peers.count):
+                if shard != peers.index:
+                    await peers.forward(shard, request, body)
+        return _json(200, msgspec.to_builtins(change))
+
+    async def admin_pauses(request: Request) -> Response:
+        return _json(200, {"data": [msgspec.to_builtins(c) for c in engine.controls.pauses.values()]})
+
     async def metrics(request: Request) -> Response:
         return Response(engine.metrics.page(), media_type=METRICS_TYPE)
 
@@ -501,6 +534,9 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                 Route("/admin/stats", admin_endpoint(admin_stats), methods=["GET"]),
                 Route("/metrics", admin_endpoint(metrics), methods=["GET"]),
                 Route("/admin/explain/{id}", admin_endpoint(admin_explain), methods=["GET"]),
+                Route("/admin/pause", admin_endpoint(admin_control), methods=["POST"]),
+                Route("/admin/resume", admin_endpoint(admin_control), methods=["POST"]),
+                Route("/admin/pauses", admin_endpoint(admin_pauses), methods=["GET"]),
                 Route("/admin/events", admin_endpoint(admin_events), methods=["GET"]),
                 Route("/admin/webhooks/dead", admin_endpoint(admin_dead_letters), methods=["GET"]),
                 Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"])],
