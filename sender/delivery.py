@@ -103,6 +103,12 @@ ROUTE_TTL = 300.0
 POOL_REST = 30.0
 
 
+def _as(probe: Delivery, customer: str, domain: str) -> Delivery:
+    """``probe`` standing for any delivery of ``customer`` to ``domain``."""
+    probe.customer, probe.domain = customer, domain
+    return probe
+
+
 def _local_reply(code: int, enhanced: str, text: str) -> Reply:
     return Reply(code, text, enhanced)
 
@@ -669,7 +675,11 @@ class Dispatcher:
             self._timers.push(d.next_at, d)
             self._poke(d.next_at)
             return
-        self.shaper.push(d, self._path(site, choice.source), now)
+        path = self._path(site, choice.source)
+        if self.controls is not None and self.controls.pauses and self.controls.holds(d, path):
+            self._paused.append((d, path))      # held before the shaper: it takes no one's tokens
+            return
+        self.shaper.push(d, path, now)
 
     async def _resolve(self, domain: str) -> None:
         port = self.config.delivery.port
@@ -810,6 +820,12 @@ class Dispatcher:
         transaction under way finishes), and send on what no pause holds any more."""
         controls = self.controls
         assert controls is not None
+        now = self.now()
+        # Out of the shaper, so that held mail takes no tokens the others need.
+        probe = Delivery("", "", "", [], 0, 0, 0, 0.0)
+        for d, pool in self.shaper.drain_where(
+                lambda customer, domain, pool: controls.holds(_as(probe, customer, domain), pool) is not None, now):
+            self._paused.append((d, pool))
         for pool in self.pools.values():
             held = [d for d in pool.queue if controls.holds(d, pool)]
             if held:
@@ -817,7 +833,6 @@ class Dispatcher:
                 pool.queue = deque(d for d in pool.queue if id(d) not in gone)
                 self._paused += [(d, pool) for d in held]
         waiting, self._paused = self._paused, []
-        now = self.now()
         for d, pool in waiting:
             if controls.holds(d, pool):
                 self._paused.append((d, pool))

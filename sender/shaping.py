@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import msgspec
@@ -294,6 +295,15 @@ class Shaper:
         for key, qid in self._queues.items():
             if key[2] is path:
                 out += self.scheduler.drain(qid, now)
+        return out
+
+    def drain_where(self, wanted: Callable[[str, str, Path], bool], now: float) -> list[tuple[Delivery, Path]]:
+        """Take out every delivery of the queues whose (customer, domain, path) is ``wanted``
+        (a pause holds them), each with its path."""
+        out: list[tuple[Delivery, Path]] = []
+        for (customer, domain, path), qid in self._queues.items():
+            if wanted(customer, domain, path):
+                out += [(d, path) for d in self.scheduler.drain(qid, now)]
         return out
 
     def queue(self, customer: str, domain: str, path: Path, now: float) -> int:

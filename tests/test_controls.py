@@ -100,3 +100,24 @@ async def test_a_paused_customer_stops_at_once_resumes_and_the_pause_survives_a_
         engine.control("resume", "customer", "beta", "ops@x", "handled")
         await until(lambda: sent("beta") == 7)
         n.cancel_scope.cancel()
+
+
+async def test_held_mail_leaves_the_shaper_and_takes_no_tokens_from_the_others(tmp_path, autojump_clock):
+    sink = Sink(load_rules(""))
+    sink.messages = []
+    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
+                        "delivery": {"retry_interval": 60, "max_age": 86400},
+                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
+                        "shaping": {"domain": {"y.test": {"max_message_rate": "6/min"}}}})
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(mx=sink))
+        await submit(engine, "acme", 10)                   # waiting for the domain's tokens
+        await trio.sleep(1)
+        engine.control("pause", "customer", "acme", "ops@x", "hold")
+        t0 = trio.current_time()
+        await submit(engine, "beta", 3)
+        await until(lambda: sum(m["to"][0].startswith("beta") for m in sink.messages) == 3)
+        # Three tokens at one per 10 s: the held mail of acme took none of them.
+        assert trio.current_time() - t0 <= 31
+        assert sum(m["to"][0].startswith("acme") for m in sink.messages) <= 1   # (one before the pause)
+        n.cancel_scope.cancel()
