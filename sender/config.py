@@ -27,6 +27,7 @@ __all__ = [
     "WebhooksConfig",
     "DkimConfig",
     "EventsConfig",
+    "AbuseConfig",
     "WEBHOOK_EVENTS",
     "SourceConfig",
     "PoolConfig",
@@ -183,6 +184,17 @@ class WebhooksConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         default_factory=lambda: ["5s", "5m", "30m", "2h", "5h", "10h", "10h"])
     timeout: float | str = "15s"            # one attempt, connect to answer
     max_in_flight: int = 10                 # attempts at once per endpoint
+
+
+class AbuseConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Auto-pause of a customer whose bounce or complaint rate passes a threshold (see
+    sender.abuse)."""
+
+    auto_pause: bool = True
+    window: float | str = "1h"
+    min_messages: int = 100                 # outcomes in the window before rates count
+    max_bounce_rate: float = 0.10           # hard bounces / (delivered + bounced)
+    max_complaint_rate: float = 0.003       # complaints / delivered
 
 
 class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -429,6 +441,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     automation: AutomationConfig = msgspec.field(default_factory=AutomationConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
+    abuse: AbuseConfig = msgspec.field(default_factory=AbuseConfig)
     dkim: list[DkimConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -466,6 +479,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ConfigError(f"route[{i}].match: expected a domain, \".suffix\" or \"*\", got {r.match!r}")
         _check_customers(self.customer, self.listen.admin_keys)
         _check_webhooks(self)
+        ab = self.abuse
+        ab.window = parse_duration(ab.window, "abuse.window")
+        if ab.window <= 0 or ab.min_messages < 1:
+            raise ConfigError("abuse.window and abuse.min_messages: must be more than 0")
+        for name in ("max_bounce_rate", "max_complaint_rate"):
+            if not 0.0 < getattr(ab, name) <= 1.0:
+                raise ConfigError(f"abuse.{name}: a share between 0 and 1, like 0.1 for 10%")
         ev = self.events
         ev.retention = parse_duration(ev.retention, "events.retention")
         if ev.recent < 0 or ev.email_status < 0:

@@ -27,6 +27,7 @@ from .config import Config, ConfigError
 from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
+from .abuse import AbuseWatch
 from .controls import Change, Controls
 from .dkim import DkimError, Signer
 from .routing import describe_action
@@ -181,6 +182,11 @@ class Engine:
             name: {config.source[s].address for s in pc.sources if s in config.source}
             for name, pc in config.pool.items()})
         self.dispatcher.controls = self.controls
+        ab = config.abuse
+        self.abuse = AbuseWatch(ab.window, ab.min_messages, ab.max_bounce_rate, ab.max_complaint_rate) \
+            if ab.auto_pause else None
+        if self.abuse is not None:
+            self.events.subscribers.append(self._watch)
         self.events.subscribers.append(self.metrics.observe)
         self.journal.on_fsync = self.metrics.fsync_done
         self._nursery: trio.Nursery | None = None
@@ -491,6 +497,17 @@ class Engine:
         self.dispatcher.controls_changed()
         log.warning("%s %s %r by %s: %s", action, scope, change.value, change.who, change.reason)
         return change
+
+    def _watch(self, ev: Event) -> None:
+        assert self.abuse is not None
+        reason = self.abuse.observe(ev)
+        if reason and ("customer", ev.customer) not in self.controls.pauses and self._nursery is not None:
+            # Out of the delivery call that made the event: the pause reshuffles the queues.
+            self._nursery.start_soon(self._auto_pause, ev.customer, reason)
+
+    async def _auto_pause(self, customer: str, reason: str) -> None:
+        if ("customer", customer) not in self.controls.pauses:
+            self.control("pause", "customer", customer, "sender abuse watch", reason)
 
     def where(self, msg_id: str) -> list[dict]:
         """Where each part of a queued message waits now, and why (see Dispatcher.where)."""

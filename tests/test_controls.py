@@ -121,3 +121,28 @@ async def test_held_mail_leaves_the_shaper_and_takes_no_tokens_from_the_others(t
         assert trio.current_time() - t0 <= 31
         assert sum(m["to"][0].startswith("acme") for m in sink.messages) <= 1   # (one before the pause)
         n.cancel_scope.cancel()
+
+
+async def test_a_bounce_storm_pauses_that_customer_only(tmp_path, autojump_clock):
+    sink = Sink(load_rules('[[rule]]\nmatch = "storm*"\naction = "reject"\nreply = "550 5.1.1 no such user"\n'))
+    sink.messages = []
+    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
+                        "delivery": {"retry_interval": 60, "max_age": 86400, "connection_limit": 2},
+                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
+                        "suppression": {"enabled": False},
+                        "shaping": {"customer": {"storm": {"max_message_rate": "10/s"}}},
+                        "abuse": {"min_messages": 50}})
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(mx=sink))
+        for i in range(300):
+            await engine.submit("s@x.test", [f"storm{i}@y.test"], BODY, customer="storm")
+            await engine.submit("s@x.test", [f"calm{i}@y.test"], BODY, customer="calm")
+        await until(lambda: ("customer", "storm") in engine.controls.pauses, step=1)
+        await until(lambda: sum(m["to"][0].startswith("calm") for m in sink.messages) == 300, step=1)
+        await trio.sleep(600)
+        n.cancel_scope.cancel()
+    pause = engine.controls.pauses["customer", "storm"]
+    assert pause.who == "sender abuse watch" and pause.reason.startswith("bounce rate 100.0% (")
+    assert list(engine.controls.pauses) == [("customer", "storm")]              # calm untouched
+    # It stopped soon after the 50 it needed to judge: most of the storm was never sent.
+    assert 50 <= engine.counts["bounced"] < 100 and engine.dispatcher.paused() > 150
