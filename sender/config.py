@@ -195,6 +195,9 @@ class AbuseConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     min_messages: int = 100                 # outcomes in the window before rates count
     max_bounce_rate: float = 0.10           # hard bounces / (delivered + bounced)
     max_complaint_rate: float = 0.003       # complaints / delivered
+    # The message rate of a customer that has no [shaping.customer.ID] table yet, e.g. "100/h":
+    # a new customer starts slow until an operator raises it ("" = no such limit).
+    new_customer_rate: str = ""
 
 
 class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -486,6 +489,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in ("max_bounce_rate", "max_complaint_rate"):
             if not 0.0 < getattr(ab, name) <= 1.0:
                 raise ConfigError(f"abuse.{name}: a share between 0 and 1, like 0.1 for 10%")
+        if ab.new_customer_rate:
+            parse_rate(ab.new_customer_rate, "abuse.new_customer_rate")
         ev = self.events
         ev.retention = parse_duration(ev.retention, "events.retention")
         if ev.recent < 0 or ev.email_status < 0:

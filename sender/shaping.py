@@ -103,6 +103,8 @@ class Rules:
         self._provider_of: dict[tuple[str, ...], str] = {}
         self.customer_rates = {k: self._rate(v.max_message_rate, f"shaping.customer.{k}.max_message_rate")
                                for k, v in sh.customer.items()}
+        # A customer with no [shaping.customer.ID] table of its own is new: it starts slow.
+        self.new_customer_rate = self._rate(config.abuse.new_customer_rate or None, "abuse.new_customer_rate")
         self.domain_rates = {k: self._rate(v.max_message_rate, f"shaping.domain.{k}.max_message_rate")
                              for k, v in sh.domain.items()}
         self.source_rates = {k: self._rate(v.max_message_rate, f"shaping.source.{k}.max_message_rate")
@@ -244,7 +246,8 @@ class Shaper:
         r = self.rules
         pair = self._buckets.get(("pair", f"{path.source}>{path.provider}"))
         return (self._limit("domain", domain, r.domain_rates.get(domain), now)
-                + self._limit("customer", customer, r.customer_rates.get(customer), now)
+                + self._limit("customer", customer, r.customer_rates.get(customer, r.new_customer_rate
+                                                                         if customer else None), now)
                 + self._limit("provider", path.provider, r.provider_rates.get(path.provider), now)
                 + self._limit("source", path.source, r.source_rates.get(path.source), now)
                 + ([pair] if pair is not None else [])

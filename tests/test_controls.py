@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from sender.config import parse_config
+from sender.config import ConfigError, parse_config
 from sender.controls import ControlError, Controls
 from sender.model import Delivery
 from sender.sink import Sink, load_rules
@@ -146,3 +146,33 @@ async def test_a_bounce_storm_pauses_that_customer_only(tmp_path, autojump_clock
     assert list(engine.controls.pauses) == [("customer", "storm")]              # calm untouched
     # It stopped soon after the 50 it needed to judge: most of the storm was never sent.
     assert 50 <= engine.counts["bounced"] < 100 and engine.dispatcher.paused() > 150
+
+
+async def test_a_new_customer_starts_slow_until_it_has_limits_of_its_own(tmp_path, autojump_clock):
+    sink = Sink(load_rules(""))
+    sink.messages = []
+    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
+                        "delivery": {"retry_interval": 60, "max_age": 86400},
+                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
+                        "abuse": {"new_customer_rate": "6/min"},
+                        "shaping": {"customer": {"known": {}}}})        # a table of its own: raised
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(mx=sink))
+        t0 = trio.current_time()
+        await submit(engine, "known", 5)
+        await submit(engine, "", 5)                                    # mail of no customer
+        await until(lambda: len(sink.messages) == 10)
+        assert trio.current_time() - t0 < 2
+        await submit(engine, "fresh", 4)
+        await until(lambda: sum(m["to"][0].startswith("fresh") for m in sink.messages) == 4)
+        assert 29 <= trio.current_time() - t0 <= 40                     # one each 10 s after the first
+        n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("abuse, key", [({"new_customer_rate": "lots"}, "abuse.new_customer_rate"),
+                                        ({"max_bounce_rate": 5}, "abuse.max_bounce_rate"),
+                                        ({"window": "soon"}, "abuse.window"),
+                                        ({"min_messages": 0}, "abuse.window and abuse.min_messages")])
+def test_bad_abuse_settings_name_their_key(abuse, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        parse_config({"abuse": abuse})
