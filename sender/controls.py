@@ -100,14 +100,19 @@ class Controls:
 
     def holds(self, d: Delivery, path: _Path) -> Change | None:
         """The pause that holds ``d`` on ``path``, if any."""
+        return self.holding(d.customer, d.domain, path.provider, path.source)
+
+    def holding(self, customer: str, domain: str, provider: str, source: str) -> Change | None:
+        """The pause that holds mail of ``customer`` to ``domain`` leaving from ``source``
+        toward ``provider``, if any."""
         if not self.pauses:
             return None
-        for scope, value in (("customer", d.customer), ("domain", d.domain), ("provider", path.provider),
-                             ("source", path.source)):
+        for scope, value in (("customer", customer), ("domain", domain), ("provider", provider),
+                             ("source", source)):
             found = self.pauses.get((scope, value))
             if found is not None:
                 return found
         for (scope, value), change in self.pauses.items():
-            if scope == "pool" and path.source in self.pools.get(value, ()):
+            if scope == "pool" and source in self.pools.get(value, ()):
                 return change
         return None

@@ -103,12 +103,6 @@ ROUTE_TTL = 300.0
 POOL_REST = 30.0
 
 
-def _as(probe: Delivery, customer: str, domain: str) -> Delivery:
-    """``probe`` standing for any delivery of ``customer`` to ``domain``."""
-    probe.customer, probe.domain = customer, domain
-    return probe
-
-
 def _local_reply(code: int, enhanced: str, text: str) -> Reply:
     return Reply(code, text, enhanced)
 
@@ -822,10 +816,9 @@ class Dispatcher:
         assert controls is not None
         now = self.now()
         # Out of the shaper, so that held mail takes no tokens the others need.
-        probe = Delivery("", "", "", [], 0, 0, 0, 0.0)
-        for d, pool in self.shaper.drain_where(
-                lambda customer, domain, pool: controls.holds(_as(probe, customer, domain), pool) is not None, now):
-            self._paused.append((d, pool))
+        self._paused += self.shaper.drain_where(
+            lambda customer, domain, pool: controls.holding(customer, domain, pool.provider, pool.source) is not None,
+            now)
         for pool in self.pools.values():
             held = [d for d in pool.queue if controls.holds(d, pool)]
             if held:
