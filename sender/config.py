@@ -198,6 +198,9 @@ class AbuseConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # The message rate of a customer that has no [shaping.customer.ID] table yet, e.g. "100/h":
     # a new customer starts slow until an operator raises it ("" = no such limit).
     new_customer_rate: str = ""
+    # Recipient domains nobody may mail (each with its subdomains): spam traps, typo domains,
+    # a provider that asked. Refused at acceptance.
+    blocked_domains: list[str] = msgspec.field(default_factory=list)
 
 
 class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -491,6 +494,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ConfigError(f"abuse.{name}: a share between 0 and 1, like 0.1 for 10%")
         if ab.new_customer_rate:
             parse_rate(ab.new_customer_rate, "abuse.new_customer_rate")
+        for d in ab.blocked_domains:
+            if not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)+", d.lower().strip(".")):
+                raise ConfigError(f"abuse.blocked_domains: {d!r} is not a domain name")
+        ab.blocked_domains = [d.lower().strip(".") for d in ab.blocked_domains]
         ev = self.events
         ev.retention = parse_duration(ev.retention, "events.retention")
         if ev.recent < 0 or ev.email_status < 0:

@@ -43,7 +43,7 @@ from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
 from .model import Accepted, Bounced, Canceled, Deferred, Delivered, Delivery, Expired, Reply, Rescheduled
 
-__all__ = ["Engine", "EngineStatistics", "NotFound", "NotScheduled", "SpoolFull", "Submission", "Suppressed",
+__all__ = ["Blocked", "Engine", "EngineStatistics", "NotFound", "NotScheduled", "SpoolFull", "Submission", "Suppressed",
            "max_in_flight", "split_by_domain", "suppression_path"]
 
 log = logging.getLogger("sender.engine")
@@ -67,6 +67,10 @@ class Suppressed(UsageError):
         super().__init__("recipients suppressed: " + "; ".join(
             f"{addr} ({e.reason} since {time.strftime('%Y-%m-%d', time.gmtime(e.added_at))})"
             for addr, e in entries.items()))
+
+
+class Blocked(UsageError):
+    """Every recipient is at a domain of ``abuse.blocked_domains``; nothing was queued."""
 
 
 class EngineStatistics(msgspec.Struct, frozen=True):
@@ -332,6 +336,15 @@ class Engine:
         if self.spool_full:
             raise SpoolFull(f"spool is over its limit of {self.config.spool.max_bytes} bytes")
         now = self.now()
+        blocked = self.blocked(rcpts)
+        if blocked:
+            for addr in blocked:
+                self._emit(Event(time=now, event="blocked", customer=customer, rcpts=[addr],
+                                 domain=addr.rpartition("@")[2].lower(), message_type=message_type,
+                                 category="blocked_domain"), notify=False)
+            if len(blocked) == len(rcpts):
+                raise Blocked(f"every recipient is at a blocked domain (abuse.blocked_domains): {', '.join(blocked)}")
+            rcpts = [r for r in rcpts if r not in blocked]
         suppressed = self.suppressed(customer, rcpts, now)
         if suppressed:
             self.counts["suppressed"] += len(suppressed)
@@ -372,6 +385,18 @@ class Engine:
     def idempotency(self) -> IdempotencyStore:
         """Answers kept by idempotency key (HTTP ``Idempotency-Key``), made on first use."""
         return IdempotencyStore(Path(self.config.spool.path) / "idempotency.log")
+
+    def blocked(self, rcpts: list[str]) -> list[str]:
+        """The recipients at a domain of ``abuse.blocked_domains`` (or under one)."""
+        domains = self.config.abuse.blocked_domains
+        if not domains:
+            return []
+        out = []
+        for r in rcpts:
+            domain = r.rpartition("@")[2].lower().rstrip(".")
+            if any(domain == d or domain.endswith("." + d) for d in domains):
+                out.append(r)
+        return out
 
     def suppressed(self, customer: str, rcpts: list[str], now: float | None = None) -> dict[str, Entry]:
         """The recipients that ``customer`` must not mail, with the entry that says why."""

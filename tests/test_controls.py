@@ -176,3 +176,26 @@ async def test_a_new_customer_starts_slow_until_it_has_limits_of_its_own(tmp_pat
 def test_bad_abuse_settings_name_their_key(abuse, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         parse_config({"abuse": abuse})
+
+
+async def test_mail_to_a_blocked_domain_is_refused_and_the_rest_goes(tmp_path, autojump_clock):
+    from sender.engine import Blocked
+
+    sink = Sink(load_rules(""))
+    sink.messages = []
+    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
+                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
+                        "abuse": {"blocked_domains": ["Trap.Example."]}})
+    assert cfg.abuse.blocked_domains == ["trap.example"]
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(mx=sink))
+        with pytest.raises(Blocked, match="blocked domain .*: a@trap.example, b@x.TRAP.example"):
+            await engine.submit("s@x.test", ["a@trap.example", "b@x.TRAP.example"], BODY, customer="acme")
+        await engine.submit("s@x.test", ["c@trap.example", "d@untrapped.example"], BODY, customer="acme")
+        await until(lambda: len(sink.messages) == 1)
+        n.cancel_scope.cancel()
+    assert sink.messages[0]["to"] == ["d@untrapped.example"] and engine.counts["accepted"] == 1
+    assert [e.rcpts[0] for e in engine.events.recent if e.event == "blocked"] == [
+        "a@trap.example", "b@x.TRAP.example", "c@trap.example"]
+    with pytest.raises(ConfigError, match="^abuse.blocked_domains: 'not a domain'"):
+        parse_config({"abuse": {"blocked_domains": ["not a domain"]}})

@@ -639,3 +639,12 @@ async def test_an_admin_pauses_a_customer_with_a_reason_and_resumes_it(tmp_path)
         await env.wait_received(2)
         r = await env.post("/admin/resume", {"customer": "acme", "reason": "again"}, key=ADMIN)
         assert r.status_code == 422 and "not paused" in r.json()["message"]
+
+
+async def test_a_blocked_domain_is_422_naming_to(tmp_path):
+    async with running(tmp_path, extra={"abuse": {"blocked_domains": ["trap.example"]}}) as env:
+        r = await env.post("/emails", email("x@trap.example"))
+        assert r.status_code == 422 and r.json()["message"].startswith("to: every recipient is at a blocked domain")
+        r = await env.post("/emails/batch", [email(), email("y@trap.example")])
+        assert r.status_code == 422 and r.json()["message"].startswith("[1].to: every recipient is at a blocked")
+        assert env.engine.counts["accepted"] == 0

@@ -79,7 +79,7 @@ class Env:
 
 
 @asynccontextmanager
-async def running(tmp_path, *, spool=None, listen=None, rules: str = "", bounces=None):
+async def running(tmp_path, *, spool=None, listen=None, rules: str = "", bounces=None, abuse=None):
     """Sink + Engine + listener on 127.0.0.1 free ports; clients closed and all cancelled on exit."""
     sink = BodySink(load_rules(rules))
     async with trio.open_nursery() as nursery:
@@ -90,6 +90,7 @@ async def running(tmp_path, *, spool=None, listen=None, rules: str = "", bounces
             "delivery": {"starttls": "never", "retry_interval": 60},
             "route": [{"match": "*", "relay": f"{sink_host}:{sink_port}"}],
             "bounces": bounces or {},
+            "abuse": abuse or {},
         })
         engine = await nursery.start(Engine(config).run)
         addr = await nursery.start(serve_smtp, engine, "127.0.0.1:0")
@@ -404,3 +405,15 @@ async def test_resend_idempotency_key_queues_a_message_once(tmp_path):
     assert env.engine.counts["accepted"] == 1
     # The header is read by the listener and never delivered.
     assert b"Resend-Idempotency-Key" not in env.sink.received[0][2]
+
+
+async def test_a_blocked_domain_is_refused_with_550_5_7_1(tmp_path):
+    async with running(tmp_path, abuse={"blocked_domains": ["trap.example"]}) as env:
+        with trio.fail_after(BOUND):
+            c = await env.client()
+            refused = await send_message(c, "app@x.test", ["a@trap.example"], b"Subject: s\r\n\r\nhi\r\n")
+            assert refused.startswith("550 5.7.1 every recipient is at a blocked domain")
+            assert QUEUED.match(await send_message(c, "app@x.test", ["a@trap.example", "b@y.test"],
+                                                   b"Subject: s\r\n\r\nhi\r\n"))
+            await env.wait_received(1)
+    assert [rcpts for _, rcpts, _ in env.sink.received] == [["b@y.test"]]

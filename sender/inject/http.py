@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import Config, Rate, parse_hostport, parse_rate
-from ..engine import Engine, NotFound, NotScheduled, SpoolFull, Submission, Suppressed
+from ..engine import Blocked, Engine, NotFound, NotScheduled, SpoolFull, Submission, Suppressed
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
@@ -270,7 +270,7 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                                        not_before=not_before, tags=built.tags)
         except SpoolFull:
             raise _spool_full() from None
-        except Suppressed as e:
+        except (Suppressed, Blocked) as e:
             raise _validation(f"to: {e}") from None
         except UsageError as e:
             raise _validation(str(e)) from None
@@ -487,6 +487,8 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
         for i, payload in enumerate(payloads):
             try:
                 built, when = build(payload, f"[{i}]."), _at(i, payload, now)
+                if len(engine.blocked(built.rcpts)) == len(built.rcpts):
+                    raise _validation(f"[{i}].to: every recipient is at a blocked domain (abuse.blocked_domains)")
                 suppressed = engine.suppressed(customer, built.rcpts, now)
                 if len(suppressed) == len(built.rcpts):
                     raise _validation(f"[{i}].to: {Suppressed(suppressed)}")

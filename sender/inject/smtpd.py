@@ -14,7 +14,7 @@ import time
 import trio
 
 from ..config import parse_hostport
-from ..engine import Engine, SpoolFull, Suppressed
+from ..engine import Blocked, Engine, SpoolFull, Suppressed
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..smtp.sockets import FastListener, open_listener
@@ -145,7 +145,7 @@ class _Session:
                 store.abandon(customer, key)
             if isinstance(e, SpoolFull):
                 return _SPOOL_FULL
-            if isinstance(e, Suppressed):
+            if isinstance(e, (Suppressed, Blocked)):
                 return 550, "5.7.1", str(e)
             return 554, "5.5.4", str(e)
         except BaseException:
