@@ -55,10 +55,16 @@ def test_a_bad_change_names_its_field(tmp_path, args, field):
     assert not (tmp_path / "controls.log").exists() or not (tmp_path / "controls.log").read_bytes()
 
 
-def config(tmp_path):
+def config(tmp_path, delivery=None, **extra):
     return parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
-                         "delivery": {"retry_interval": 60, "max_age": 86400},
-                         "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False}})
+                         "delivery": {"retry_interval": 60, "max_age": 86400, **(delivery or {})},
+                         "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False}, **extra})
+
+
+def recording_sink(rules: str = "") -> Sink:
+    sink = Sink(load_rules(rules))
+    sink.messages = []
+    return sink
 
 
 async def submit(engine, customer: str, n: int) -> None:
@@ -67,8 +73,7 @@ async def submit(engine, customer: str, n: int) -> None:
 
 
 async def test_a_paused_customer_stops_at_once_resumes_and_the_pause_survives_a_restart(tmp_path, autojump_clock):
-    sink = Sink(load_rules(""))
-    sink.messages = []
+    sink = recording_sink()
 
     def sent(customer: str) -> int:
         return sum(m["to"][0].startswith(customer) for m in sink.messages)
@@ -103,12 +108,8 @@ async def test_a_paused_customer_stops_at_once_resumes_and_the_pause_survives_a_
 
 
 async def test_held_mail_leaves_the_shaper_and_takes_no_tokens_from_the_others(tmp_path, autojump_clock):
-    sink = Sink(load_rules(""))
-    sink.messages = []
-    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
-                        "delivery": {"retry_interval": 60, "max_age": 86400},
-                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
-                        "shaping": {"domain": {"y.test": {"max_message_rate": "6/min"}}}})
+    sink = recording_sink()
+    cfg = config(tmp_path, shaping={"domain": {"y.test": {"max_message_rate": "6/min"}}})
     async with trio.open_nursery() as n:
         engine = await start(n, cfg, Sinks(mx=sink))
         await submit(engine, "acme", 10)                   # waiting for the domain's tokens
@@ -124,14 +125,9 @@ async def test_held_mail_leaves_the_shaper_and_takes_no_tokens_from_the_others(t
 
 
 async def test_a_bounce_storm_pauses_that_customer_only(tmp_path, autojump_clock):
-    sink = Sink(load_rules('[[rule]]\nmatch = "storm*"\naction = "reject"\nreply = "550 5.1.1 no such user"\n'))
-    sink.messages = []
-    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
-                        "delivery": {"retry_interval": 60, "max_age": 86400, "connection_limit": 2},
-                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
-                        "suppression": {"enabled": False},
-                        "shaping": {"customer": {"storm": {"max_message_rate": "10/s"}}},
-                        "abuse": {"min_messages": 50}})
+    sink = recording_sink('[[rule]]\nmatch = "storm*"\naction = "reject"\nreply = "550 5.1.1 no such user"\n')
+    cfg = config(tmp_path, {"connection_limit": 2}, suppression={"enabled": False},
+                 shaping={"customer": {"storm": {"max_message_rate": "10/s"}}}, abuse={"min_messages": 50})
     async with trio.open_nursery() as n:
         engine = await start(n, cfg, Sinks(mx=sink))
         for i in range(300):
@@ -149,13 +145,9 @@ async def test_a_bounce_storm_pauses_that_customer_only(tmp_path, autojump_clock
 
 
 async def test_a_new_customer_starts_slow_until_it_has_limits_of_its_own(tmp_path, autojump_clock):
-    sink = Sink(load_rules(""))
-    sink.messages = []
-    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
-                        "delivery": {"retry_interval": 60, "max_age": 86400},
-                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
-                        "abuse": {"new_customer_rate": "6/min"},
-                        "shaping": {"customer": {"known": {}}}})        # a table of its own: raised
+    sink = recording_sink()
+    cfg = config(tmp_path, abuse={"new_customer_rate": "6/min"},
+                 shaping={"customer": {"known": {}}})                   # a table of its own: raised
     async with trio.open_nursery() as n:
         engine = await start(n, cfg, Sinks(mx=sink))
         t0 = trio.current_time()
@@ -181,11 +173,8 @@ def test_bad_abuse_settings_name_their_key(abuse, key):
 async def test_mail_to_a_blocked_domain_is_refused_and_the_rest_goes(tmp_path, autojump_clock):
     from sender.engine import Blocked
 
-    sink = Sink(load_rules(""))
-    sink.messages = []
-    cfg = parse_config({"spool": {"path": str(tmp_path / "spool"), "fsync": "never"}, "listen": {"smtp": ""},
-                        "route": [{"match": "*", "relay": "mx:25"}], "bounces": {"notify": False},
-                        "abuse": {"blocked_domains": ["Trap.Example."]}})
+    sink = recording_sink()
+    cfg = config(tmp_path, abuse={"blocked_domains": ["Trap.Example."]})
     assert cfg.abuse.blocked_domains == ["trap.example"]
     async with trio.open_nursery() as n:
         engine = await start(n, cfg, Sinks(mx=sink))

@@ -415,7 +415,7 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
     async def admin_dead_letters(request: Request) -> Response:
         hooks = engine.webhooks
         dead = [] if hooks is None else hooks.dead_letters()
-        return _json(200, {"data": [{**msgspec.to_builtins(d), "body": _text(d.body)} for d in dead]})
+        return _json(200, {"data": [msgspec.to_builtins(d) for d in dead]})
 
     async def admin_retry_dead(request: Request) -> Response:
         hook_id = request.path_params["id"]
@@ -557,10 +557,6 @@ def _email_body(email: Email) -> dict:
 
 
 _encode_event = msgspec.json.Encoder().encode
-
-
-def _text(body: bytes | str) -> str:
-    return body if isinstance(body, str) else body.decode("utf-8", "replace")
 
 
 @contextlib.contextmanager
