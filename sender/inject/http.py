@@ -38,6 +38,7 @@ from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
 from ..controls import SCOPES, ControlError
+from ..dashboard import routes as dashboard_routes
 from ..explain import explain_live
 from ..metrics import CONTENT_TYPE as METRICS_TYPE
 from ..status import Email, iso_utc
@@ -541,7 +542,8 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                 Route("/admin/pauses", admin_endpoint(admin_pauses), methods=["GET"]),
                 Route("/admin/events", admin_endpoint(admin_events), methods=["GET"]),
                 Route("/admin/webhooks/dead", admin_endpoint(admin_dead_letters), methods=["GET"]),
-                Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"])],
+                Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"]),
+                *dashboard_routes(engine, admin_endpoint)],
         exception_handlers={HTTPException: on_http_error},
     )
 
