@@ -336,6 +336,11 @@ class Automation:
         found = self._reroutes.get((pool, provider))
         return found[0].target if found else None
 
+    def rerouting(self, pool: str, provider: str) -> Action | None:
+        """The reroute in force for mail of ``pool`` to ``provider`` (the oldest), or None."""
+        found = self._reroutes.get((pool, provider))
+        return found[0] if found else None
+
 
 def _discard(index: dict, key, action: Action) -> None:
     found = index.get(key)

@@ -141,12 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--spool", required=True, help="the daemon's spool directory")
     ex.add_argument("--json", action="store_true", help="the gathered story as JSON")
 
-    ctl = sub.add_parser("ctl", help="pause or resume sending on a running daemon (through its admin API)")
-    ctl.add_argument("action", choices=("pause", "resume", "pauses"))
-    scope = ctl.add_mutually_exclusive_group()
-    for name in ("customer", "domain", "provider", "source", "pool"):
-        scope.add_argument(f"--{name}", metavar="VALUE")
-    ctl.add_argument("--reason", help="why (required for pause and resume): kept with the change")
+    ctl = sub.add_parser("ctl", help="operate a running daemon through its admin API: pause, reroute, limit, "
+                                      "purge into quarantine, release, drain")
+    ctl.add_argument("action", choices=("pause", "resume", "reroute", "unroute", "limit", "unlimit", "purge",
+                                        "release", "drain", "undrain", "pauses", "controls"))
+    for name in ("customer", "domain", "provider", "source"):
+        ctl.add_argument(f"--{name}", metavar="VALUE")
+    ctl.add_argument("--pool", metavar="NAME", help="pause: the pool to pause; reroute: the pool to send from")
+    ctl.add_argument("--message-type", metavar="TYPE", help="purge: only mail of this message type")
+    ctl.add_argument("--id", metavar="ID", help="purge: one message; release: the purge's id")
+    ctl.add_argument("--rate", help="limit: a message rate such as 100/min")
+    ctl.add_argument("--connections", type=_positive_int("--connections"), help="limit: a provider's connections")
+    ctl.add_argument("--dry-run", action="store_true", help="purge: only count what would go")
+    ctl.add_argument("--then", choices=("bounce", "drop"), default="bounce",
+                     help="purge: what happens when its time in quarantine is up (default: bounce)")
+    ctl.add_argument("--keep", help="purge: how long it stays releasable (default: controls.quarantine_retention)")
+    ctl.add_argument("--timeout", help="drain: stop after this even if mail is left (default: controls.drain_timeout)")
+    ctl.add_argument("--reason", help="why (required for every change): kept with the change")
     ctl.add_argument("--who", default=os.environ.get("USER", ""), help="who makes the change (default: $USER)")
     ctl.add_argument("--url", default="http://127.0.0.1:8025", help="the daemon's HTTP API (listen.http)")
     ctl.add_argument("--key", default=os.environ.get("SENDER_ADMIN_KEY", ""),
@@ -508,17 +519,15 @@ def _cmd_ctl(args) -> int:
     if not args.key:
         raise ConfigError("--key: an admin key is needed (or set SENDER_ADMIN_KEY)")
     headers = {"authorization": f"Bearer {args.key}", "content-type": "application/json"}
-    if args.action == "pauses":
-        method, path, body = "GET", "/admin/pauses", b""
+    method, path, body = "POST", f"/admin/{args.action}", b""
+    if args.action in ("pauses", "controls"):
+        method = "GET"
     else:
-        scopes = [(n, v) for n in ("customer", "domain", "provider", "source", "pool") if (v := getattr(args, n))]
-        if not scopes:
-            raise ConfigError("--customer, --domain, --provider, --source or --pool: say what to "
-                              f"{args.action}")
         if not args.reason:
             raise ConfigError("--reason: required, so that whoever looks next knows why")
-        method, path = "POST", f"/admin/{args.action}"
-        body = orjson.dumps({scopes[0][0]: scopes[0][1], "reason": args.reason, "who": args.who})
+        payload = _ctl_payload(args)
+        payload.update(reason=args.reason, who=args.who)
+        body = orjson.dumps(payload)
     try:
         answer = trio.run(request, method, args.url.rstrip("/") + path, headers, body, 30.0)
     except (OSError, ValueError, trio.TooSlowError) as e:
@@ -533,6 +542,38 @@ def _cmd_ctl(args) -> int:
         return 1
     print(text)
     return 0
+
+
+def _ctl_payload(args) -> dict:
+    """The admin API's body for ``sender ctl ACTION``, its flags checked."""
+    named = {n: v for n in ("customer", "domain", "provider", "source") if (v := getattr(args, n))}
+    action = args.action
+    if action in ("drain", "undrain"):
+        return {"timeout": args.timeout} if args.timeout and action == "drain" else {}
+    if action == "release":
+        if not args.id:
+            raise ConfigError("--id: the purge's id to release (sender ctl controls lists them)")
+        return {"id": args.id}
+    if action == "purge":
+        match = {**named, **({"message_type": args.message_type} if args.message_type else {}),
+                 **({"id": args.id} if args.id else {})}
+        if not match or "source" in match:
+            raise ConfigError("--customer, --domain, --provider, --message-type or --id: say what to purge")
+        return {**match, "dry_run": args.dry_run, "then": args.then, **({"keep": args.keep} if args.keep else {})}
+    if action in ("pause", "resume") and args.pool:
+        named["pool"] = args.pool
+    if len(named) != 1:
+        raise ConfigError("--customer, --domain, --provider, --source or --pool: say what to "
+                          f"{action} (exactly one)")
+    if action == "reroute":
+        if not args.pool:
+            raise ConfigError("--pool: the pool to send from")
+        named["pool"] = args.pool
+    if action == "limit":
+        if not args.rate and not args.connections:
+            raise ConfigError("--rate or --connections: the new limit")
+        named.update({k: v for k, v in (("rate", args.rate), ("connections", args.connections)) if v})
+    return named
 
 
 def _cmd_webhooks(args) -> int:

@@ -151,6 +151,9 @@ class ListenConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hostname: str = "sender.localhost"
     max_message_size: int | str = "25MiB"
     max_recipients: int = 1000
+    # The customer of every message the SMTP listener takes ("" = the X-Sender-Customer header
+    # says): known from MAIL FROM on, so its quotas and max_recipients answer there and at RCPT.
+    customer: str = ""
     max_connections: int = 1000
     max_line_length: int = 1000
     idle_timeout: float | str = "5m"       # close a client session idle this long
@@ -164,7 +167,11 @@ class CustomerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_keys: list[str] = msgspec.field(default_factory=list)
     pool: str = ""
     api_rate_limit: str = ""                # HTTP requests, e.g. "10/s" ("" = none): 429 over it
-    daily_quota: int = 0                    # emails a UTC day through the HTTP API (0 = none)
+    # Messages accepted a UTC hour / a UTC day, every way in (SMTP, HTTP, Python API; 0 = none):
+    # over it SMTP 451 4.7.1, HTTP 429, Python QuotaExceeded. Each of N processes takes 1/N.
+    hourly_quota: int = 0
+    daily_quota: int = 0
+    max_recipients: int = 0                 # recipients a message (0 = only listen.max_recipients)
     webhook: list[WebhookConfig] = msgspec.field(default_factory=list)
 
 
@@ -210,6 +217,14 @@ class EventsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retention: float | str = "7d"           # files older than this are deleted
     recent: int = 10_000                    # events kept in memory for the API
     email_status: int = 100_000             # messages whose status GET /emails/{id} can tell
+
+
+class ControlsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Operators' controls (``sender ctl``, ``/admin``)."""
+
+    # A purge's mail waits in quarantine this long, releasable, before it is bounced or dropped.
+    quarantine_retention: float | str = "7d"
+    drain_timeout: float | str = "10m"      # a drain stops the daemon after this, queue or not
 
 
 class DkimConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -448,6 +463,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     events: EventsConfig = msgspec.field(default_factory=EventsConfig)
     abuse: AbuseConfig = msgspec.field(default_factory=AbuseConfig)
+    controls: ControlsConfig = msgspec.field(default_factory=ControlsConfig)
     dkim: list[DkimConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -502,6 +518,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ev.retention = parse_duration(ev.retention, "events.retention")
         if ev.recent < 0 or ev.email_status < 0:
             raise ConfigError("events.recent and events.email_status: must be 0 or more")
+        for name in ("quarantine_retention", "drain_timeout"):
+            value = parse_duration(getattr(self.controls, name), f"controls.{name}")
+            if value <= 0:
+                raise ConfigError(f"controls.{name}: must be more than 0")
+            setattr(self.controls, name, value)
         _check_dkim(self.dkim)
         _check_egress(self)
         _check_automation(self.automation, self.pool)
@@ -522,8 +543,9 @@ def _check_customers(customers: list[CustomerConfig], admin_keys: list[str]) -> 
         ids.add(c.id)
         if c.api_rate_limit:
             parse_rate(c.api_rate_limit, f"customer[{i}].api_rate_limit")
-        if c.daily_quota < 0:
-            raise ConfigError(f"customer[{i}].daily_quota: must be 0 (none) or more, got {c.daily_quota}")
+        for name in ("hourly_quota", "daily_quota", "max_recipients"):
+            if getattr(c, name) < 0:
+                raise ConfigError(f"customer[{i}].{name}: must be 0 (none) or more, got {getattr(c, name)}")
         for key in c.api_keys:
             if not key:
                 raise ConfigError(f"customer[{i}].api_keys: a key must not be empty")

@@ -171,12 +171,27 @@ async def run_daemon(config: Config, *, repair: bool = False, grace: float = 30.
                 host, port = await nursery.start(http_listener)
                 _say(f"sender: listening on {host}:{port} (HTTP)")
             task_status.started(engine)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    _reload_rules(engine, reload)
-                    continue
-                log.info("received %s: shutting down", signal.Signals(signum).name)
-                break
+            stop = trio.Event()
+
+            async def on_signals() -> None:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        _reload_rules(engine, reload)
+                        continue
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    break
+                stop.set()
+
+            async def on_drained() -> None:
+                await engine.drained.wait()
+                _say("sender: drained; shutting down")
+                stop.set()
+
+            async with trio.open_nursery() as watchers:
+                watchers.start_soon(on_signals)
+                watchers.start_soon(on_drained)
+                await stop.wait()
+                watchers.cancel_scope.cancel()
             listener_scope.cancel()
             http_scope.cancel()
             await engine.shutdown(grace)
@@ -195,7 +210,7 @@ def _reload_rules(engine: Engine, reload: Callable[[], Config] | None) -> None:
     except ConfigError as e:
         log.error("received SIGHUP: config not reloaded, the running rules stay: %s", e)
         return
-    engine.dispatcher.replace_rules(config)
+    engine.replace_rules(config)
     _say("sender: shaping rules reloaded")
 
 

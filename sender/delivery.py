@@ -40,7 +40,7 @@ from .model import Delivery, Reply
 from .scheduler import TimerHeap, TokenBucket
 from .classify import classify_reply
 from .routing import Egress, Source
-from .shaping import Rules, RetryPolicy, Shaper, is_rate_limited
+from .shaping import Hold, Rules, RetryPolicy, Shaper, is_rate_limited
 from .smtp.client import OpenStream, SMTPSession, Timeouts, TransactionResult, open_session, opportunistic_tls_context
 
 __all__ = ["ConnectionGate", "Dispatcher", "Outcomes", "Site", "SitePool", "PoolStatistics", "backoff", "match_route"]
@@ -65,6 +65,8 @@ class Outcomes(Protocol):
         """Return once the outcomes reported so far are as durable as the policy asks."""
     def action_taken(self, action: Action) -> None:
         """An automation rule fired (an event: ``sender explain`` shows it)."""
+    def throttled(self, hold: Hold, now: float) -> None:
+        """A bucket holds mail (an event, every THROTTLE_REPORT seconds while it does)."""
 
 
 class PoolStatistics(msgspec.Struct, frozen=True):
@@ -101,6 +103,8 @@ _LOCAL_TEMP = 451
 ROUTE_TTL = 300.0
 # A path with no worker and nothing queued this long ends its task (it starts again on demand).
 POOL_REST = 30.0
+# While the shaper holds mail, the buckets holding it are reported (throttled events) this often.
+THROTTLE_REPORT = 10.0
 
 
 def _local_reply(code: int, enhanced: str, text: str) -> Reply:
@@ -662,6 +666,7 @@ class Dispatcher:
         """Pick the source ``d`` leaves from and queue it on that path, or hold it until a
         source may send (warmup caps, suspensions)."""
         choice = self.egress.choose(d, site.provider, site.key, now)
+        d.chosen = choice.reason                # why this source (the outcome events carry it)
         if self.egress.dirty:
             self.want_reaper()
         if choice.source is None:
@@ -749,7 +754,15 @@ class Dispatcher:
 
     async def _clock_loop(self) -> None:
         """Move due retries on, take backoff steps, release what the shaper lets go; then
-        sleep until the next of those is due or a poke says something came sooner."""
+        sleep until the next of those is due or a poke says something came sooner.
+
+        While the shaper holds mail, the buckets holding it are reported (a throttled event
+        each) when the loop is awake and the last report is THROTTLE_REPORT seconds old. It
+        wakes for a report only when more mail waits than at the last one (or since), so that
+        a new hold is told within THROTTLE_REPORT: a bucket draining slowly is reported at its
+        own tokens, and holding nothing adds no wake-up."""
+        report_at = -math.inf                       # the next throttle report, at the earliest
+        low = 0                                     # the least mail held since the last report
         while True:
             self._sleep_until = -math.inf           # awake: pokes are not needed
             now = self.now()
@@ -770,11 +783,17 @@ class Dispatcher:
                     self._apply_pair_rate(action.source, action.provider, now)
                     self._apply_site_caps(action.source, now)
             self._release(now)
+            holding = len(self.shaper)              # after a release, all of it waits for a token
+            if holding and now >= report_at:
+                self._report_throttles(now)
+                report_at, low = now + THROTTLE_REPORT, holding
+            elif holding < low:
+                low = holding
             # Retry timers fire on whole seconds: the retries of a second go in one pass
             # (they are minutes apart anyway), not one wake-up each.
             due = self._timers.peek_due()
             wake = min(math.ceil(due) if due < math.inf else due, self.shaper.next_wakeup(),
-                       self.egress.next_wakeup())
+                       self.egress.next_wakeup(), report_at if holding > low else math.inf)
             self._wakeup = trio.Event()
             self._sleep_until = wake
             # The clock moved on while releasing: the next token may be due already.
@@ -832,6 +851,70 @@ class Dispatcher:
             elif d.rcpts:               # (gone meanwhile, e.g. expired: nothing to send)
                 self.submit(d, now)     # through the shaper again: its limits apply from now
 
+    def rerouted(self, domain: str = "", provider: str = "") -> None:
+        """An operator's reroute of ``domain`` or ``provider`` was set or lifted: what waits
+        for a path toward it is routed again (the source is chosen anew, from the new pool)."""
+        now = self.now()
+
+        def concerned(d_domain: str, pool: SitePool) -> bool:
+            return d_domain == domain if domain else pool.provider == provider
+
+        waiting = self.shaper.drain_where(lambda customer, d_domain, pool: concerned(d_domain, pool), now)
+        for pool in self.pools.values():
+            mine = [d for d in pool.queue if concerned(d.domain, pool)]
+            if mine:
+                gone = {id(d) for d in mine}
+                pool.queue = deque(d for d in pool.queue if id(d) not in gone)
+                waiting += [(d, pool) for d in mine]
+        kept = [(d, pool) for d, pool in self._paused if not concerned(d.domain, pool)]
+        waiting += [(d, pool) for d, pool in self._paused if concerned(d.domain, pool)]
+        self._paused = kept
+        for d, pool in waiting:
+            if d.rcpts:
+                self._route(d, pool.site, now)
+        self._release(now)
+
+    def provider_of(self, domain: str) -> str:
+        """The provider of ``domain``'s MX site, "" while it is not known."""
+        entry = self._domain_site.get(domain)
+        return entry[0].provider if entry is not None else ""
+
+    def take(self, wanted: list[Delivery]) -> list[Delivery]:
+        """Take ``wanted`` out of the queue, wherever each waits (a retry timer, an MX lookup,
+        the shaper, a pause, a site's queue), for a purge; returns those taken. One in a
+        transaction under way is not taken: its outcome comes as usual."""
+        now = self.now()
+        ids = {id(d) for d in wanted}
+        taken: list[Delivery] = []
+
+        def keep(d: Delivery) -> bool:
+            if id(d) in ids:
+                taken.append(d)
+                return False
+            return True
+
+        self._paused = [(d, pool) for d, pool in self._paused if keep(d)]
+        for domain, waiting in self._resolving.items():
+            self._resolving[domain] = [d for d in waiting if keep(d)]
+        for pool in self.pools.values():
+            if any(id(d) in ids for d in pool.queue):
+                pool.queue = deque(d for d in pool.queue if keep(d))
+        keys = {(d.customer, d.domain) for d in wanted}
+        for d, pool in self.shaper.drain_where(lambda customer, domain, pool: (customer, domain) in keys, now):
+            if id(d) in ids:
+                taken.append(d)
+            else:
+                self.shaper.push(d, pool, now)      # (in its order: its whole queue went out)
+        found = {id(d) for d in taken}
+        for d in wanted:
+            # Not found elsewhere with a time set: it waits in the timer heap, which skips it
+            # once its time is cleared. With none, a transaction has it.
+            if id(d) not in found and d.next_at != 0.0:
+                d.next_at = 0.0
+                taken.append(d)
+        self._poke(self.shaper.next_wakeup())
+        return taken
+
     def paused(self) -> int:
         return len(self._paused)
 
@@ -868,14 +951,19 @@ class Dispatcher:
         buckets, an MX lookup, a site's queue, or a transaction under way."""
         return {"timer": len(self._timers), "throttled": len(self.shaper), "paused": len(self._paused),
                 "resolving": sum(len(w) for w in self._resolving.values()),
-                "ready": sum(len(p.queue) for p in self.pools.values()), "in_flight": self.in_flight()}
+                "ready": sum(len(p.queue) for p in self.pools.values()), "in_flight": self.busy()}
 
     def waiting_retry(self) -> int:
         """Deliveries deferred and waiting for their next attempt."""
         return len(self._timers)
 
     def in_flight(self) -> int:
+        """Connection workers, busy or idle."""
         return sum(p.workers for p in self.pools.values())
+
+    def busy(self) -> int:
+        """Connection workers not parked idle: in a transaction, or connecting for one."""
+        return sum(p.workers - len(p._idle) for p in self.pools.values())
 
     def stop(self) -> None:
         """Stop starting transactions; workers finish the one they are in, then QUIT."""
@@ -885,3 +973,12 @@ class Dispatcher:
 
     def statistics(self) -> list[PoolStatistics]:
         return [p.statistics() for p in self.pools.values()]
+
+    def throttles(self) -> list[Hold]:
+        """The buckets holding mail now, with how many deliveries each holds and until when."""
+        return self.shaper.holding(self.now())
+
+    def _report_throttles(self, now: float) -> None:
+        """A throttled event per bucket holding mail (the clock loop's report)."""
+        for hold in self.shaper.holding(now):
+            self.outcomes.throttled(hold, now)

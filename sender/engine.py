@@ -28,10 +28,10 @@ from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
 from .abuse import AbuseWatch
-from .controls import Change, Controls
+from .controls import Change, ControlError, Controls, check_reason, with_limits
 from .dkim import DkimError, Signer
 from .routing import describe_action
-from .events import Event, EventLog
+from .events import Event, EventLog, Query, event_files, file_name, select
 from .webhooks import Webhooks
 from .metrics import Metrics
 from .mime import summary
@@ -43,8 +43,8 @@ from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
 from .model import Accepted, Bounced, Canceled, Deferred, Delivered, Delivery, Expired, Reply, Rescheduled
 
-__all__ = ["Blocked", "Engine", "EngineStatistics", "NotFound", "NotScheduled", "SpoolFull", "Submission", "Suppressed",
-           "max_in_flight", "split_by_domain", "suppression_path"]
+__all__ = ["Blocked", "Engine", "EngineStatistics", "NotFound", "NotScheduled", "QuotaExceeded", "SpoolFull", "Submission",
+           "Suppressed", "TooManyRecipients", "max_in_flight", "split_by_domain", "suppression_path"]
 
 log = logging.getLogger("sender.engine")
 
@@ -71,6 +71,29 @@ class Suppressed(UsageError):
 
 class Blocked(UsageError):
     """Every recipient is at a domain of ``abuse.blocked_domains``; nothing was queued."""
+
+
+class QuotaExceeded(UsageError):
+    """The customer's ``hourly_quota`` or ``daily_quota`` of accepted messages is used up;
+    nothing was queued. ``quota`` is "hourly" or "daily", ``limit`` the number this process
+    enforces (its share on a sharded daemon), ``left`` how many would still fit (a batch),
+    ``retry_at`` (wall-clock seconds) when the quota resets: the next UTC hour or day."""
+
+    def __init__(self, customer: str, quota: str, limit: int, retry_at: float, left: int = 0,
+                 configured: int = 0) -> None:
+        self.customer, self.quota, self.limit, self.retry_at, self.left = customer, quota, limit, retry_at, left
+        share = f", this process's share of {configured:,}" if configured > limit else ""
+        super().__init__(f"{quota} quota of customer {customer!r} reached ({limit:,} messages{share}); "
+                         f"it resets at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(retry_at))}")
+
+
+class TooManyRecipients(UsageError):
+    """More recipients than the customer's ``max_recipients`` a message; nothing was queued."""
+
+    def __init__(self, customer: str, limit: int, given: int) -> None:
+        self.customer, self.limit = customer, limit
+        super().__init__(f"too many recipients ({given}): customer {customer!r} may send to at most {limit:,} "
+                         f"a message; send the rest in another message")
 
 
 class EngineStatistics(msgspec.Struct, frozen=True):
@@ -156,13 +179,35 @@ class Engine:
         sp = config.spool
         self.journal = Journal(sp.path, fsync=sp.fsync, segment_bytes=sp.segment_bytes,
                                batch_window=sp.batch_window)
-        self.dispatcher = Dispatcher(config, self, self.now, open_stream, state_path=str(Path(sp.path) / "egress.state"))
+        Path(sp.path).mkdir(parents=True, exist_ok=True)
+        self.controls = Controls(Path(sp.path) / "controls.log", pools={
+            name: {config.source[s].address for s in pc.sources if s in config.source}
+            for name, pc in config.pool.items()})
+        self._rules_config = config         # the shaping rules before the operators' limits
+        self.dispatcher = Dispatcher(with_limits(config, self.controls.limits.values()), self, self.now, open_stream,
+                                     state_path=str(Path(sp.path) / "egress.state"))
+        self.dispatcher.controls = self.controls
+        self.dispatcher.egress.operator_route = self.controls.reroute
+        self.quarantine: dict[str, list[Delivery]] = {}     # purge id -> its parts, held
+        self._quarantine_changed = trio.Event()
+        self.draining: Change | None = None                 # intake is closed while set
+        self.drained = trio.Event()                         # set when a drain is done
+        self.intake_busy: list = []         # listeners' "a client is in a transaction" checks
         self._live: dict[str, Delivery | list[Delivery]] = {}
         self._epoch = 0.0
         self._last_id = 0
         self._pid = (os.getpid() if id_suffix is None else id_suffix) & 0xFFF
         self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired", "suppressed",
                                      "bounced_later", "complaints", "canceled"), 0)
+        # Per customer with a quota: (hourly, daily) of this process (1/N of each on N shards,
+        # at least 1; 0 = none), then the configured two; and its messages taken so far:
+        # [UTC hour, messages that hour, UTC day, messages that day].
+        shares = config.daemon.processes
+        self._quotas = {c.id: (max(1, c.hourly_quota // shares) if c.hourly_quota else 0,
+                               max(1, c.daily_quota // shares) if c.daily_quota else 0, c.hourly_quota, c.daily_quota)
+                        for c in config.customer if c.hourly_quota or c.daily_quota}
+        self._taken: dict[str, list[int]] = {}
+        self._max_rcpts = {c.id: c.max_recipients for c in config.customer if c.max_recipients}
         su = config.suppression
         self.suppression = SuppressionList(
             suppression_path(config), {"bad_domain": su.bad_domain_ttl, "inactive_mailbox": su.inactive_mailbox_ttl},
@@ -182,10 +227,6 @@ class Engine:
                                  on_write=self._webhook_written) if any(c.webhook for c in config.customer) else None
         self.events.subscribers.append(self.emails.observe)
         self.metrics = Metrics(self)
-        self.controls = Controls(Path(sp.path) / "controls.log", pools={
-            name: {config.source[s].address for s in pc.sources if s in config.source}
-            for name, pc in config.pool.items()})
-        self.dispatcher.controls = self.controls
         ab = config.abuse
         self.abuse = AbuseWatch(ab.window, ab.min_messages, ab.max_bounce_rate, ab.max_complaint_rate) \
             if ab.auto_pause else None
@@ -230,22 +271,27 @@ class Engine:
             await nursery.start(self.journal.run)
             if self.emails.capacity:
                 self.emails.load(self.events.folder)
+            self._load_quota_counts()
             await nursery.start(self.events.run)
             if self.webhooks is not None:
                 await nursery.start(self.webhooks.run)
             await nursery.start(self.dispatcher.run)
             now = self.now()
+            held = self._quarantined_rcpts()
             for d in list(live.values()):
-                self._track(d, now)
+                self._track(d, now, held)
             nursery.start_soon(self._compactor)
+            nursery.start_soon(self._quarantine_expiry)
             if self.suppression is not None:
                 nursery.start_soon(self._suppression_sync)
             log.info("engine started: %d messages in the queue", len(self._live))
             task_status.started(self)
 
-    def _track(self, msg: Delivery, now: float | None = None) -> None:
-        """Register a live message and queue one delivery per recipient domain."""
-        if len(msg.rcpts) == 1:
+    def _track(self, msg: Delivery, now: float | None = None,
+               held: dict[str, dict[str, str]] | None = None) -> None:
+        """Register a live message and queue one delivery per recipient domain (but for the
+        recipients in a purge's quarantine, ``held``: message id -> recipient -> purge id)."""
+        if len(msg.rcpts) == 1 and not (held and msg.id in held):
             msg.domain = sys.intern(msg.rcpts[0].rpartition("@")[2].lower())
             self._live[msg.id] = msg
             self.dispatcher.submit(msg, now)
@@ -257,6 +303,8 @@ class Engine:
             d.domain = domain
             parts.append(d)
         self._live[msg.id] = parts[0] if len(parts) == 1 else parts
+        if held and msg.id in held:
+            parts = self._hold_back(parts, held[msg.id])
         for d in parts:
             self.dispatcher.submit(d, now)
 
@@ -280,7 +328,7 @@ class Engine:
         """Make a message durable and queue it; returns its id once it is safe on disk.
 
         Args:
-          customer: whose mail it is (customer limits, later pools and quotas).
+          customer: whose mail it is (its shaping limits, pool, quotas and recipient limit).
           message_type: e.g. "transactional" or "marketing": its priority (``shaping.priority``).
           msg_id: an id from :meth:`new_id` when the caller needed it earlier (trace headers).
           not_before: wall-clock time before which it is not sent (a scheduled email); its
@@ -292,6 +340,8 @@ class Engine:
         Raises:
           UsageError: no recipients, or an address without a domain.
           Suppressed: every recipient is suppressed; nothing was queued.
+          TooManyRecipients: more than the customer's ``max_recipients``.
+          QuotaExceeded: the customer's hourly or daily quota is used up (``retry_at``).
           SpoolFull: the spool is over its size limit.
         """
         rec = self._accepted(sender, rcpts, body, customer, message_type, msg_id, not_before, tags)
@@ -325,17 +375,24 @@ class Engine:
         return out
 
     def _accepted(self, sender: str, rcpts: list[str], body: bytes, customer: str, message_type: str,
-                  msg_id: str | None, not_before: float, tags: dict[str, str] | None = None) -> Accepted:
-        """Check a message and make its Accepted record (suppressed recipients left out)."""
+                  msg_id: str | None, not_before: float, tags: dict[str, str] | None = None,
+                  own_report: bool = False) -> Accepted:
+        """Check a message and make its Accepted record (suppressed recipients left out); it
+        counts against the customer's quotas from here. ``own_report``: a non-delivery report
+        of ours, which the customer's quota and recipient limit never refuse (it still counts)."""
         if not rcpts:
             raise UsageError("rcpts: at least one recipient is required")
         for r in rcpts:
             local, at, domain = r.rpartition("@")
             if not at or not local or not domain or any(c in r for c in "\r\n <>"):
                 raise UsageError(f"rcpts: invalid recipient address {r!r}")
+        if not own_report:
+            self.check_recipients(customer, len(rcpts))
         if self.spool_full:
             raise SpoolFull(f"spool is over its limit of {self.config.spool.max_bytes} bytes")
         now = self.now()
+        if not own_report:
+            self.check_quota(customer, [rcpts], message_type=message_type, now=now)
         blocked = self.blocked(rcpts)
         if blocked:
             for addr in blocked:
@@ -359,6 +416,10 @@ class Engine:
             rcpts = [r for r in rcpts if r not in suppressed]
         # A scheduled message's life (max_age) starts at its time.
         start = not_before if not_before > now else now
+        if customer in self._quotas:
+            taken = self._taken_now(customer, now)
+            taken[1] += 1
+            taken[3] += 1
         return Accepted(id=msg_id or self._new_id(), sender=sys.intern(sender), rcpts=list(rcpts),
                         received_at=start, body=body, customer=customer,
                         next_at=not_before if not_before > now else 0.0, message_type=message_type,
@@ -385,6 +446,75 @@ class Engine:
     def idempotency(self) -> IdempotencyStore:
         """Answers kept by idempotency key (HTTP ``Idempotency-Key``), made on first use."""
         return IdempotencyStore(Path(self.config.spool.path) / "idempotency.log")
+
+    def check_recipients(self, customer: str, count: int) -> None:
+        """Raise :class:`TooManyRecipients` when ``count`` is over the customer's ``max_recipients``."""
+        limit = self._max_rcpts.get(customer, 0)
+        if limit and count > limit:
+            raise TooManyRecipients(customer, limit, count)
+
+    def recipient_limit(self, customer: str) -> int:
+        """The customer's ``max_recipients`` a message (0: none of its own)."""
+        return self._max_rcpts.get(customer, 0)
+
+    def check_quota(self, customer: str, messages: list[list[str]] | None = None, *, message_type: str = "",
+                    now: float | None = None) -> None:
+        """Raise :class:`QuotaExceeded` unless the customer's hourly and daily quotas have room
+        for ``messages`` (the recipients of each; None: one message whose recipients are not
+        known yet, as at SMTP MAIL FROM) now. Counts nothing; a refusal is told as a
+        ``quota_exceeded`` event per message. Over both quotas, the daily one is named (waiting
+        for the next hour would not help)."""
+        limits = self._quotas.get(customer)
+        if limits is None:
+            return
+        now = self.now() if now is None else now
+        messages = [[]] if messages is None else messages
+        hourly, daily, hourly_set, daily_set = limits
+        taken = self._taken_now(customer, now)
+        left = min(hourly - taken[1] if hourly else len(messages), daily - taken[3] if daily else len(messages))
+        if len(messages) <= left:
+            return
+        left = max(0, left)
+        if daily and taken[3] + len(messages) > daily:
+            over = QuotaExceeded(customer, "daily", daily, (taken[2] + 1) * 86400.0, left, daily_set)
+        else:
+            over = QuotaExceeded(customer, "hourly", hourly, (taken[0] + 1) * 3600.0, left, hourly_set)
+        for rcpts in messages:
+            domains = {r.rpartition("@")[2].lower() for r in rcpts}
+            self._emit(Event(time=now, event="quota_exceeded", customer=customer, rcpts=list(rcpts),
+                             domain=domains.pop() if len(domains) == 1 else "", message_type=message_type,
+                             category="quota", detail={"quota": over.quota, "limit": over.limit,
+                                                       "retry_at": over.retry_at}), notify=False)
+        raise over
+
+    def _taken_now(self, customer: str, now: float) -> list[int]:
+        """The customer's [UTC hour, messages that hour, UTC day, messages that day], as of ``now``."""
+        hour, day = int(now // 3600), int(now // 86400)
+        taken = self._taken.get(customer)
+        if taken is None:
+            taken = self._taken[customer] = [hour, 0, day, 0]
+        if taken[0] != hour:
+            taken[0], taken[1] = hour, 0
+        if taken[2] != day:
+            taken[2], taken[3] = day, 0
+        return taken
+
+    def _load_quota_counts(self) -> None:
+        """Count this UTC day's accepted (and scheduled) messages of each customer with a quota
+        from the event files, this hour's apart: a restart hands out no fresh quota. Reads only
+        the day's hourly files, and decodes only the lines of those events and customers."""
+        if not self._quotas:
+            return
+        now = self.now()
+        day_start = now // 86400 * 86400
+        first = file_name(day_start)
+        files = [f for f in event_files(self.events.folder) if f.name >= first]
+        query = Query(match={"event": ["accepted", "scheduled"], "customer": sorted(self._quotas)}, since=day_start)
+        for ev, _ in select(files, query, fields=("customer",)):
+            taken = self._taken_now(ev.customer, now)
+            taken[3] += 1
+            if ev.time // 3600 == taken[0]:
+                taken[1] += 1
 
     def blocked(self, rcpts: list[str]) -> list[str]:
         """The recipients at a domain of ``abuse.blocked_domains`` (or under one)."""
@@ -507,21 +637,246 @@ class Engine:
         body = self.body(d)
         return body if self.signer is None else self.signer.sign(body, self.now())
 
-    def control(self, action: str, scope: str, value: str, who: str, reason: str) -> Change:
-        """Pause or resume sending for a customer, recipient domain, provider, source IP or
-        pool; durable when this returns, an event, and in force at once.
+    # ---------------------------------------------------------------- operators' controls
+
+    def control(self, action: str, scope: str, value: str, who: str, reason: str,
+                detail: dict | None = None) -> Change:
+        """Pause or resume sending (customer, recipient domain, provider, source IP or pool),
+        reroute a domain or provider to a pool (``detail["pool"]``) or unroute it, limit a
+        rate (``detail["rate"]``, a provider's ``detail["connections"]``) or unlimit it:
+        durable when this returns, an event, and in force at once.
 
         Raises:
           ControlError: naming the field at fault (a reason is required).
         """
-        change = self.controls.change(action, scope, value, who, reason, self.now())
-        fields = {scope: change.value} if scope in ("customer", "domain", "provider", "source") else {}
-        self._emit(Event(time=change.at, event="paused" if action == "pause" else "resumed",
-                         detail={"scope": scope, "value": change.value, "who": change.who, "reason": change.reason},
-                         **fields), notify=False)
-        self.dispatcher.controls_changed()
-        log.warning("%s %s %r by %s: %s", action, scope, change.value, change.who, change.reason)
+        if action == "limit" and scope == "provider" and value.strip().lower() not in self.dispatcher.shaper.rules.names:
+            raise ControlError(f"provider: no provider {value!r} ([shaping.provider.NAME] or a built-in one)")
+        change = self.controls.change(action, scope, value, who, reason, self.now(), detail)
+        self._control_event(change)
+        if action in ("pause", "resume"):
+            self.dispatcher.controls_changed()
+        elif action in ("reroute", "unroute"):
+            self.dispatcher.rerouted(**{scope: change.value})
+        else:
+            self.replace_rules(self._rules_config)
         return change
+
+    def _control_event(self, change: Change, **detail) -> None:
+        fields = {change.scope: change.value} if change.scope in ("customer", "domain", "provider", "source") else {}
+        self._emit(Event(time=change.at, event=_CONTROL_EVENTS[change.action],
+                         detail={"scope": change.scope, "value": change.value, "who": change.who,
+                                 "reason": change.reason, **change.detail, **detail}, **fields), notify=False)
+        log.warning("%s %s %r by %s: %s", change.action, change.scope, change.value, change.who, change.reason)
+
+    def replace_rules(self, config: Config) -> None:
+        """New shaping rules at run time (SIGHUP): the operators' limits stay on top."""
+        self._rules_config = config
+        self.dispatcher.replace_rules(with_limits(config, self.controls.limits.values()))
+
+    def purge(self, match: dict[str, str], *, who: str, reason: str, then: str = "bounce",
+              dry_run: bool = False, keep: float | None = None, purge_id: str | None = None) -> dict:
+        """Take the queued mail that ``match`` names (``PURGE_FIELDS``, all must match) out
+        of the queue into a quarantine, durable when this returns. It can be released until
+        ``keep`` seconds (``controls.quarantine_retention``) have passed; then ``then``
+        happens: "bounce" (a bounce, its webhook and a report to the sender) or "drop"
+        (canceled, silently). ``dry_run`` only counts. A part in a transaction under way is
+        not taken (``in_flight``).
+
+        Raises:
+          ControlError: naming the field at fault.
+        """
+        reason = check_reason(reason)
+        if not match:
+            raise ControlError(f"filter: a purge needs at least one of {', '.join(PURGE_FIELDS)}")
+        for name, value in match.items():
+            if name not in PURGE_FIELDS:
+                raise ControlError(f"{name}: not a purge filter (use {', '.join(PURGE_FIELDS)})")
+            if not isinstance(value, str) or not value.strip():
+                raise ControlError(f"{name}: expected a non-empty string")
+        match = {k: v.strip().lower() if k in ("domain", "provider") else v.strip() for k, v in match.items()}
+        if then not in ("bounce", "drop"):
+            raise ControlError(f"then: expected bounce or drop, got {then!r}")
+        if keep is not None and not keep > 0:
+            raise ControlError("keep: must be more than 0 seconds")
+        held = {id(d) for parts in self.quarantine.values() for d in parts}
+        wanted = [d for d in self._parts() if id(d) not in held and self._purge_matches(d, match)]
+        count = {"messages": len({d.id for d in wanted}), "recipients": sum(len(d.rcpts) for d in wanted)}
+        if dry_run:
+            return {"dry_run": True, "filter": match, **count}
+        now = self.now()
+        taken = self.dispatcher.take(wanted)
+        count = {"messages": len({d.id for d in taken}), "recipients": sum(len(d.rcpts) for d in taken),
+                 "in_flight": len(wanted) - len(taken)}
+        if not taken:
+            return {"id": None, "filter": match, **count}
+        purge_id = purge_id or self.new_purge_id()
+        until = now + (keep if keep is not None else self.config.controls.quarantine_retention)
+        change = Change(action="purge", scope="purge", value=purge_id, who=who or "unknown", reason=reason, at=now,
+                        detail={"filter": match, "then": then, "until": until, **count,
+                                "parts": [[d.id, list(d.rcpts)] for d in taken]})
+        try:
+            self.controls.record(change)
+        except OSError:
+            for d in taken:             # not durable: nothing was purged
+                self.dispatcher.submit(d, now)
+            raise
+        self.quarantine[purge_id] = taken
+        why = {"purge": purge_id, "who": change.who, "reason": reason, "until": until, "then": then}
+        for d in taken:
+            self._outcome("quarantined", d, d.rcpts, now, detail=why)
+        self._control_event(msgspec.structs.replace(change, detail={k: v for k, v in change.detail.items()
+                                                                    if k != "parts"}))
+        self._quarantine_changed.set()
+        return {"id": purge_id, "filter": match, "then": then, "until": until, **count}
+
+    def new_purge_id(self) -> str:
+        return "Q" + self._new_id()
+
+    def release(self, purge_id: str, who: str, reason: str) -> dict:
+        """Send a purge's quarantined mail on (through the shaper and any pause, as new).
+
+        Raises:
+          ControlError: no such purge in quarantine, or no reason.
+        """
+        reason = check_reason(reason)
+        if purge_id not in self.controls.purges:
+            raise ControlError(f"id: no purge {purge_id!r} in quarantine (released, expired, or never made)")
+        now = self.now()
+        change = self.controls.record(Change(action="release", scope="purge", value=purge_id,
+                                             who=who or "unknown", reason=reason, at=now))
+        parts = [d for d in self.quarantine.pop(purge_id, []) if d.rcpts]
+        for d in parts:
+            self._outcome("released", d, d.rcpts, now, detail={"purge": purge_id, "who": change.who, "reason": reason})
+            d.next_at = 0.0
+            self.dispatcher.submit(d, now)
+        count = {"messages": len({d.id for d in parts}), "recipients": sum(len(d.rcpts) for d in parts)}
+        self._control_event(change, **count)
+        self._quarantine_changed.set()
+        return {"id": purge_id, **count}
+
+    async def _quarantine_expiry(self) -> None:
+        """Bounce or drop each purge's mail when its time in quarantine is up (asleep until
+        then). The outcomes are durable before the purge is marked expired, so a crash in
+        between expires the rest again at start."""
+        while True:
+            self._quarantine_changed = trio.Event()
+            due = min((c.detail["until"] for c in self.controls.purges.values()), default=None)
+            if due is None or due > self.now():
+                with trio.move_on_after(max(0.0, due - self.now()) if due is not None else float("inf")):
+                    await self._quarantine_changed.wait()
+                continue
+            now = self.now()
+            purge_id, purge = next((k, c) for k, c in self.controls.purges.items() if c.detail["until"] == due)
+            reply = Reply(550, f"purged by {purge.who}: {purge.reason}", "5.7.1")
+            for d in self.quarantine.pop(purge_id, []):
+                if not d.rcpts:
+                    continue
+                rcpts = list(d.rcpts)
+                if purge.detail["then"] == "bounce":
+                    self.bounced(d, rcpts, reply, "permanent_other")
+                else:
+                    self._outcome("canceled", d, rcpts, now, reply, detail={"purge": purge_id})
+                    self._record(Canceled(d.id, rcpts, now))
+                    self.counts["canceled"] += 1
+                    self._done(d, rcpts)
+            await self.journal.wait_durable()
+            self._control_event(self.controls.record(Change(
+                action="expire", scope="purge", value=purge_id, who="sender quarantine",
+                reason=f"{purge.detail['then']} after {due - purge.at:g} s in quarantine",
+                at=now)))
+
+    def _parts(self):
+        for entry in self._live.values():
+            if isinstance(entry, list):
+                yield from entry
+            else:
+                yield entry
+
+    def _purge_matches(self, d: Delivery, match: dict[str, str]) -> bool:
+        for name, value in match.items():
+            have = self.dispatcher.provider_of(d.domain) if name == "provider" else getattr(d, name)
+            if have != value:
+                return False
+        return True
+
+    def _quarantined_rcpts(self) -> dict[str, dict[str, str]]:
+        """Message id -> recipient -> purge id, of every purge still in quarantine (at start)."""
+        held: dict[str, dict[str, str]] = {}
+        for purge_id, purge in self.controls.purges.items():
+            self.quarantine[purge_id] = []
+            for msg_id, rcpts in purge.detail["parts"]:
+                held.setdefault(msg_id, {}).update(dict.fromkeys(rcpts, purge_id))
+        return held
+
+    def _hold_back(self, parts: list[Delivery], held: dict[str, str]) -> list[Delivery]:
+        """Put the quarantined recipients of a replayed message's ``parts`` back in their
+        purge's quarantine; returns the parts to queue."""
+        out = []
+        for d in parts:
+            mine = [r for r in d.rcpts if r in held]
+            if not mine:
+                out.append(d)
+                continue
+            if len(mine) < len(d.rcpts):          # part of them: the rest is queued
+                rest = [r for r in d.rcpts if r not in held]
+                d.rcpts = rest
+                out.append(d)
+                d = msgspec.structs.replace(d, rcpts=mine)
+                entry = self._live[d.id]
+                self._live[d.id] = (entry if isinstance(entry, list) else [entry]) + [d]
+            d.next_at = 0.0
+            self.quarantine[held[mine[0]]].append(d)
+        return out
+
+    def drain(self, who: str, reason: str, timeout: float | None = None) -> Change:
+        """Close intake (SMTP 421 4.3.2, HTTP 503) and let what is queued go; :attr:`drained`
+        is set once nothing is left to send now (mail waiting for a retry, a pause or in
+        quarantine stays on disk) or after ``timeout`` (``controls.drain_timeout``). The
+        daemon then stops.
+
+        Raises:
+          ControlError: no reason, or a drain already under way.
+        """
+        reason = check_reason(reason)
+        if self.draining is not None:
+            raise ControlError(f"drain: already draining since {iso_utc(self.draining.at)} ({self.draining.reason})")
+        now = self.now()
+        timeout = timeout if timeout is not None else self.config.controls.drain_timeout
+        change = self.controls.record(Change(action="drain", scope="daemon", value="", who=who or "unknown",
+                                             reason=reason, at=now, detail={"until": now + timeout}))
+        self.draining = change
+        self._control_event(change)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._drain, change)
+        return change
+
+    def undrain(self, who: str, reason: str) -> Change:
+        """Call a drain off: intake opens again.
+
+        Raises:
+          ControlError: no reason, or no drain under way.
+        """
+        reason = check_reason(reason)
+        if self.draining is None:
+            raise ControlError("drain: no drain under way")
+        change = self.controls.record(Change(action="undrain", scope="daemon", value="", who=who or "unknown",
+                                             reason=reason, at=self.now()))
+        self.draining = None
+        self._control_event(change)
+        return change
+
+    async def _drain(self, change: Change) -> None:
+        await trio.sleep(DRAIN_ANSWER)          # the answers to the drain (and its siblings') go out first
+        with trio.move_on_at(trio.current_time() + change.detail["until"] - change.at):
+            while self.draining is change:
+                depth = self.dispatcher.depth()
+                if not (depth["ready"] or depth["throttled"] or depth["resolving"] or depth["in_flight"]
+                        or any(busy() for busy in self.intake_busy)):
+                    break
+                await trio.sleep(0.1)
+        if self.draining is change:
+            log.warning("drained: %d messages stay queued for the next start", len(self._live))
+            self.drained.set()
 
     def _watch(self, ev: Event) -> None:
         assert self.abuse is not None
@@ -574,6 +929,13 @@ class Engine:
                          site=action.site, detail={"rule": action.rule, "action": describe_action(action),
                                                    "until": action.until, "replies": action.replies}))
 
+    def throttled(self, hold, now: float) -> None:
+        """A bucket holds mail now (the dispatcher reports it every THROTTLE_REPORT seconds):
+        ``sender explain`` shows it for the messages it concerns."""
+        self._emit(Event(time=now, event="throttled", customer=hold.customer, domain=hold.domain,
+                         provider=hold.provider, site=hold.site, source=hold.source,
+                         detail={"bucket": hold.bucket, "held": hold.held, "until": round(hold.until, 3)}))
+
     def _webhook_written(self) -> None:
         # The outbox is fsynced with the journal's next batch, before the outcome records
         # written after it: an outcome is never durable without its webhook.
@@ -613,7 +975,8 @@ class Engine:
                          site=via.site.key if via is not None else "",
                          source=via.source if via is not None else "",
                          message_type=d.message_type, reply=str(reply) if reply is not None else "",
-                         category=category, **fields), notify=bool(d.sender))
+                         category=category, chosen=d.chosen if via is not None else "", **fields),
+                   notify=bool(d.sender))
 
     def _record(self, rec) -> None:
         if self.journal.closed:
@@ -732,7 +1095,9 @@ class Engine:
 
     async def _send_report(self, d: Delivery, report: bytes) -> None:
         try:
-            await self.submit("", [d.sender], report, customer=d.customer, message_type="transactional")
+            rec = self._accepted("", [d.sender], report, d.customer, "transactional", None, 0.0, own_report=True)
+            self._announce(rec)
+            self._queue_accepted(rec, await self.journal.commit(rec))
         except (UsageError, SpoolFull) as e:
             log.warning("no non-delivery report for %s to %s: %s", d.id, d.sender, e)
 
@@ -850,6 +1215,13 @@ _WEBHOOK_TYPES = {
     "complained": "email.complained",
     "suppressed": "email.suppressed",
 }
+
+
+DRAIN_ANSWER = 1.0
+PURGE_FIELDS = ("customer", "domain", "provider", "message_type", "id")
+_CONTROL_EVENTS = {"pause": "paused", "resume": "resumed", "reroute": "rerouted", "unroute": "unrouted",
+                   "limit": "limited", "unlimit": "unlimited", "purge": "purged", "release": "released",
+                   "expire": "quarantine_expired", "drain": "draining", "undrain": "undrained"}
 
 
 def _id_time(msg_id: str) -> int:

@@ -2,11 +2,19 @@
 
 An :class:`Event` says when, what (``accepted``, ``scheduled``, ``delivered``, ``deferred``,
 ``bounced``, ``expired``, ``suppressed``, ``canceled``, ``rescheduled``, ``complained``),
-which message and customer, where it went (recipient domain, provider, site, source address)
-and what the remote host said (reply and category). :class:`EventLog` writes them as JSON lines
+which message and customer, where it went (recipient domain, provider, site, source address,
+and why that source: ``chosen``) and what the remote host said (reply and category). Events
+of no message tell why mail waits or goes elsewhere: ``throttled`` (a bucket holding mail:
+``detail`` {bucket, held, until}, with the customer, domain, provider, source or site it
+concerns), ``automation`` (a rule fired). :class:`EventLog` writes them as JSON lines
 to ``events/YYYY-MM-DDTHH.jsonl``, one file per UTC hour, deletes files past the retention,
 keeps the most recent in memory, and hands each to its subscribers (webhooks, the API's email
 status) as it happens.
+
+Refusals at acceptance carry no message id (none was queued): ``blocked`` (category
+``blocked_domain``, per recipient), ``suppressed`` (every recipient suppressed), and
+``quota_exceeded`` (the customer's hourly or daily quota: the message's recipients, category
+``quota``, ``detail`` {quota, limit, retry_at}); they make no webhook.
 
 The journal is the queue's truth; events are its account. They are flushed to the file every
 quarter of a second without fsync: a crash of the machine may lose that last moment of the
@@ -55,6 +63,7 @@ class Event(msgspec.Struct, kw_only=True, omit_defaults=True):
     next_at: float = 0.0                # deferred, scheduled, rescheduled: when it goes next
     age: float = 0.0                    # outcomes: seconds since acceptance (or the scheduled time)
     detail: dict[str, object] = msgspec.field(default_factory=dict)
+    chosen: str = ""                    # outcomes: why that source was chosen (pool, candidates, left out)
 
 
 _encode = msgspec.json.Encoder().encode

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 from .events import Event
+from .shaping import LEVELS
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
@@ -61,7 +62,7 @@ class Metrics:
 
 class _EngineGauges:
     """What is true now: queue depth, connections and waiting mail per site, the journal,
-    webhooks waiting."""
+    the rate limits holding mail (per level of bucket), webhooks waiting."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -91,6 +92,21 @@ class _EngineGauges:
         journal = GaugeMetricFamily("sender_journal_bytes", "Bytes of journal segments on disk")
         journal.add_metric([], st.journal.bytes)
         yield journal
+        throttled = GaugeMetricFamily("sender_throttled_deliveries", "Deliveries held by a rate limit, by the "
+                                      "level of the bucket holding them", labels=["level"])
+        saturated = GaugeMetricFamily("sender_saturated_buckets", "Rate-limit buckets with mail waiting and no "
+                                      "token, by level", labels=["level"])
+        held = dict.fromkeys(LEVELS, 0)
+        full = dict.fromkeys(LEVELS, 0)
+        now = self.engine.dispatcher.now()
+        for hold in self.engine.dispatcher.shaper.holding(now):
+            held[hold.level] += hold.held
+            full[hold.level] += hold.until > now
+        for level in LEVELS:
+            throttled.add_metric([level], held[level])
+            saturated.add_metric([level], full[level])
+        yield throttled
+        yield saturated
         hooks = self.engine.webhooks
         if hooks is not None:
             w = hooks.statistics()

@@ -146,3 +146,4 @@ class Delivery(msgspec.Struct, gc=False):
     next_at: float = 0.0
     customer: str = ""
     message_type: str = ""
+    chosen: str = ""            # why its source was chosen (Choice.reason): for the outcome events

@@ -30,6 +30,7 @@ import math
 import os
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -61,6 +62,10 @@ RESUME_SPREAD_MAX = 900.0
 MIN_HEALTH = 0.05
 SAVE_EVERY = 1.0
 FIRED_KEPT = 1000
+# A candidate source below this health is named in the reason of a choice (weighted down).
+LOW_HEALTH = 0.5
+# Reasons of choices kept (one per distinct situation); past this many they are made anew.
+REASONS_KEPT = 4096
 
 
 @dataclass(eq=False)
@@ -128,6 +133,8 @@ class Egress:
         self.fired: deque[Action] = deque(maxlen=FIRED_KEPT)    # recent actions, newest last
         self.dirty = False
         self._saved_at = -math.inf
+        # (domain, provider) -> the pool an operator sends that mail from, or None
+        self.operator_route: Callable[[str, str], str | None] | None = None
         self.configure(config)
 
     def start(self, now: float) -> None:
@@ -165,6 +172,7 @@ class Egress:
                       for name, pc in config.pool.items()}
         self.customer_pool = {c.id: c.pool for c in config.customer if c.pool}
         self._caps: dict[tuple[str, str, int], tuple[int | None, int | None]] = {}
+        self._reasons: dict[tuple, str] = {}    # situation -> reason of a choice (see _reason)
         self.adaptive = {name: block.adaptive_rate for name, block in config.shaping.provider.items()
                          if block.adaptive_rate is not None}
         for (source, provider), aimd in list(self._aimd.items()):
@@ -186,8 +194,11 @@ class Egress:
     def choose(self, d: Delivery, provider: str, site: str, now: float) -> Choice:
         """Pick the source ``d`` leaves from toward ``site`` (of ``provider``), counting it
         against the source's warmup cap; or say when to ask again."""
-        pool = self.pool_of(d.customer, d.message_type)
-        if pool is not None and provider:
+        pool = base = self.pool_of(d.customer, d.message_type)
+        ordered = self.operator_route(d.domain, provider) if self.operator_route is not None else None
+        if ordered is not None and ordered in self.pools:
+            pool = self.pools[ordered]          # an operator's reroute (sender ctl reroute)
+        elif pool is not None and provider:
             target = self.automation.reroute(pool.name, provider)
             if target is not None and target in self.pools and not self.pools[target].dedicated \
                     and not pool.dedicated:
@@ -197,6 +208,7 @@ class Egress:
         day = self._roll(now)
         candidates: list[tuple[Source, float, bool]] = []
         waits: list[tuple[float, str]] = []
+        weak: list[str] = []
         for source, weight in members:
             action = self.automation.suspended(source.address, provider, site)
             if action is not None:
@@ -209,6 +221,8 @@ class Egress:
                     waits.append(((day + 1) * DAY, f"{source.address} sent its warmup cap for today"))
                     continue
             health = self.reputation.health(source.address, provider, now) if provider else 1.0
+            if health < LOW_HEALTH:
+                weak.append(f"{source.address} weighted down (health {health:.1f})")
             candidates.append((source, weight * max(health, MIN_HEALTH) ** 2, room))
         if not candidates:
             until, reason = min(waits)
@@ -225,7 +239,48 @@ class Egress:
             until = (day + 1) * DAY
             return Choice(None, until + _spread(until - now), f"{source.address} sent its warmup cap for today")
         self._count(source, provider)
-        return Choice(source, now, f"from pool {pool.name}" if pool is not None else "")
+        return Choice(source, now, self._reason(d, provider, base, pool, len(candidates), waits, weak)
+                      if pool is not None else "")
+
+    def _reason(self, d: Delivery, provider: str, base: Pool, pool: Pool, n: int, waits: list[tuple[float, str]],
+                weak: list[str]) -> str:
+        """Why a source of ``pool`` was chosen, in a few words: the pool and why that one (the
+        customer's dedicated pool, the pool of its message type, the default, a reroute), how
+        many of its sources were candidates, those left out and why, and those weighted down.
+        Made once per distinct situation: this runs for every delivery."""
+        rerouted = ""
+        if pool is not base:
+            if self.operator_route is not None and self.operator_route(d.domain, provider) == pool.name:
+                rerouted = "an operator"
+            else:
+                action = self.automation.rerouting(base.name, provider)
+                rerouted = f"rule {action.rule!r}" if action is not None else "a rule"
+        customer = d.customer if d.customer in self.customer_pool else ""
+        message_type = d.message_type if d.message_type in self.config.egress.message_type else ""
+        key = (base.name, pool.name, rerouted, customer, message_type, n,
+               tuple(r for _, r in waits) if waits else (), tuple(weak) if weak else ())
+        reason = self._reasons.get(key)
+        if reason is None:
+            if rerouted:
+                why = f"rerouted from pool {base.name} toward {provider} by {rerouted}"
+            elif base.dedicated:
+                why = "the customer's dedicated pool"
+            elif message_type and self.config.egress.message_type[message_type] == base.name:
+                why = f"the pool of {message_type} mail"
+            elif customer and self.customer_pool[customer] == base.name:
+                why = "the customer's pool"
+            else:
+                why = "the default pool"
+            total = len(pool.members)
+            reason = f"from pool {pool.name} ({why}): " + (
+                "its only source" if total == 1 else f"{n} of {total} sources" if n < total else f"{total} sources")
+            notes = [r for _, r in waits] + weak
+            if notes:
+                reason += "; " + "; ".join(notes)
+            if len(self._reasons) >= REASONS_KEPT:
+                self._reasons.clear()
+            self._reasons[key] = reason
+        return reason
 
     # ------------------------------------------------------------------ warmup
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -35,7 +35,7 @@ from .config import Config, ProviderShaping, Rate, SiteShaping, parse_rate
 from .model import Delivery, Reply
 from .scheduler import Scheduler
 
-__all__ = ["BUILTIN_PROVIDERS", "Rules", "Shaper", "SiteLimits", "RetryPolicy", "is_rate_limited"]
+__all__ = ["BUILTIN_PROVIDERS", "LEVELS", "Hold", "Rules", "Shaper", "SiteLimits", "RetryPolicy", "is_rate_limited"]
 
 # MX host suffixes of the big mailbox providers. A [shaping.provider.NAME] block with the same
 # name and no ``match`` of its own uses these.
@@ -99,6 +99,7 @@ class Rules:
         for name, suffixes in BUILTIN_PROVIDERS.items():
             if name not in sh.provider:
                 self.providers.append((name, suffixes, ProviderShaping()))
+        self.names = {name for name, _, _ in self.providers}
         self._sites: dict[str, SiteLimits] = {}
         self._provider_of: dict[tuple[str, ...], str] = {}
         self.customer_rates = {k: self._rate(v.max_message_rate, f"shaping.customer.{k}.max_message_rate")
@@ -193,6 +194,26 @@ class _Backoff:
     next_step: float         # when it doubles, unless another rate-limiting reply comes first
 
 
+# The levels of the buckets, as their names begin ("customer:acme", "path:127.0.0.2>mx.example:25").
+LEVELS = ("customer", "domain", "provider", "source", "path", "pair")
+
+
+class Hold(NamedTuple):
+    """A bucket holding mail at a moment (:meth:`Shaper.holding`): the throttle events and
+    the saturation metrics."""
+
+    bucket: str             # "customer:acme", as :meth:`Shaper.held` names it
+    level: str              # one of LEVELS
+    held: int               # deliveries waiting for its token
+    until: float            # when its next token comes
+    # What it concerns: the level's key, or for a path (pair) bucket its source, site and provider.
+    customer: str = ""
+    domain: str = ""
+    provider: str = ""
+    source: str = ""
+    site: str = ""
+
+
 class Path(Protocol):
     """Where released messages go: one (source IP, site), with the provider it belongs to.
     The dispatcher's site pools are paths."""
@@ -216,6 +237,7 @@ class Shaper:
         self.rules = rules
         self.scheduler = Scheduler()
         self._buckets: dict[tuple[str, str], int] = {}
+        self._bucket_keys: dict[int, tuple[str, str]] = {}     # bucket id -> (level, key)
         self._queues: dict[tuple[str, str, Path], int] = {}
         self._queue_keys: list[tuple[str, str, Path]] = []
         self._backoff: dict[Path, _Backoff] = {}
@@ -229,6 +251,7 @@ class Shaper:
         if bid is None:
             per_second, burst = (rate.per_second, rate.burst) if rate else (math.inf, 1.0)
             bid = self._buckets[(level, key)] = self.scheduler.add_bucket(f"{level}:{key}", per_second, burst, now)
+            self._bucket_keys[bid] = (level, key)
         return bid
 
     def _limit(self, level: str, key: str, rate: Rate | None, now: float) -> list[int]:
@@ -345,6 +368,36 @@ class Shaper:
         qid = self._queues.get((d.customer, d.domain, path))
         got = self.scheduler.held(qid, now) if qid is not None else None
         return (self.scheduler.bucket_name(got[0]), got[1]) if got else None
+
+    def holding(self, now: float) -> list[Hold]:
+        """The buckets holding mail at ``now``: each with the deliveries waiting for its token
+        and when that comes. One pass over the queues (a parked queue waits on one bucket),
+        for the periodic throttle events and the metrics, never per delivery."""
+        sched = self.scheduler
+        if not len(sched):
+            return []
+        found: dict[int, list] = {}                 # bucket id -> [deliveries, until, a path]
+        for key, qid in self._queues.items():
+            got = sched.held(qid, now)
+            if got is not None:
+                entry = found.get(got[0])
+                if entry is None:
+                    found[got[0]] = [sched.queue_length(qid), got[1], key[2]]
+                else:
+                    entry[0] += sched.queue_length(qid)
+        out = []
+        for bid, (held, until, path) in found.items():
+            level, key = self._bucket_keys[bid]
+            bucket = f"{level}:{key}"
+            if level == "path":
+                # A path's key is its site's, prefixed by "SOURCE>" when the source has an address.
+                site = path.key[len(path.source) + 1:] if path.source else path.key
+                out.append(Hold(bucket, level, held, until, provider=path.provider, source=path.source, site=site))
+            elif level == "pair":
+                out.append(Hold(bucket, level, held, until, provider=path.provider, source=path.source))
+            else:
+                out.append(Hold(bucket, level, held, until, **{level: key}))
+        return out
 
     def has_queue(self, d: Delivery, path: Path) -> bool:
         """Whether ``d``'s (customer, domain, path) has a queue here (it may wait in it)."""

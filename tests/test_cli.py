@@ -401,3 +401,59 @@ def test_ctl_pauses_and_resumes_through_a_running_daemon(tmp_path, capsys):
         stop(proc)
     assert main(["ctl", "pauses", "--url", url, "--key", "adm_k"]) == 2         # nobody listens now
     assert "--url: cannot reach" in capsys.readouterr().err
+
+
+def test_ctl_purges_releases_limits_and_drains_a_running_daemon(tmp_path, capsys):
+    import httpx
+
+    port, smtp_port, nobody = free_port(), free_port(), free_port()
+    cfg = tmp_path / "ctl.toml"
+    cfg.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n[listen]\nsmtp = "127.0.0.1:{smtp_port}"\n'
+                   f'http = "127.0.0.1:{port}"\nadmin_keys = ["adm_k"]\n'
+                   f'[[customer]]\nid = "acme"\napi_keys = ["re_k"]\n'
+                   f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{nobody}"\n'      # refused: mail stays queued
+                   f'[bounces]\nnotify = false\n')
+    proc = spawn(["run", "--config", str(cfg)], tmp_path / "run.out")
+    url = f"http://127.0.0.1:{port}"
+    admin = ["--url", url, "--key", "adm_k", "--who", "ops"]
+
+    def ctl(*args: str) -> tuple[int, str]:
+        code = main(["ctl", *args, *admin])
+        got = capsys.readouterr()
+        return code, got.out if code == 0 else got.err
+
+    try:
+        wait_for_line(proc, tmp_path / "run.out", r"listening on .*\(HTTP\)")
+        for i in range(3):
+            answer = httpx.post(f"{url}/emails", headers={"authorization": "Bearer re_k"},
+                                json={"from": "a@x.test", "to": [f"u{i}@y.test"], "subject": "s", "text": "t"})
+            assert answer.status_code == 200
+        code, out = ctl("purge", "--customer", "acme", "--dry-run", "--reason", "check")
+        assert code == 0 and orjson.loads(out)["messages"] == 3
+        code, out = ctl("purge", "--customer", "acme", "--then", "drop", "--keep", "2d", "--reason", "bad list")
+        purge = orjson.loads(out)
+        assert code == 0 and purge["messages"] == 3 and purge["then"] == "drop"
+        code, out = ctl("controls")
+        assert [q["value"] for q in orjson.loads(out)["quarantine"]] == [purge["id"]]
+        assert ctl("release", "--id", "Qnope", "--reason", "x") == (1, "sender ctl release: 422: id: no purge "
+                                                                      "'Qnope' in quarantine (released, expired, "
+                                                                      "or never made)\n")
+        code, out = ctl("release", "--id", purge["id"], "--reason", "list is fine")
+        assert code == 0 and orjson.loads(out)["recipients"] == 3
+        code, err = ctl("limit", "--customer", "acme", "--rate", "fast", "--reason", "x")
+        assert code == 1 and "422: rate: " in err
+        assert ctl("limit", "--customer", "acme", "--reason", "x") == (2, "sender ctl: error: --rate or --connections: "
+                                                                       "the new limit\n")
+        code, out = ctl("limit", "--customer", "acme", "--rate", "10/min", "--reason", "complaints")
+        assert code == 0 and orjson.loads(out)["detail"] == {"rate": "10/min"}, out
+        code, err = ctl("reroute", "--provider", "google", "--pool", "nope", "--reason", "x")
+        assert code == 1 and "422: pool: " in err
+        code, out = ctl("drain", "--reason", "deploy")
+        assert code == 0 and orjson.loads(out)["action"] == "drain"
+        # Nothing left to send now (the mail waits for its retry): the daemon stops by itself.
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    out = (tmp_path / "run.out").read_text()
+    assert "sender: drained; shutting down" in out and "still queued 3" in out

@@ -188,3 +188,165 @@ async def test_mail_to_a_blocked_domain_is_refused_and_the_rest_goes(tmp_path, a
         "a@trap.example", "b@x.TRAP.example", "c@trap.example"]
     with pytest.raises(ConfigError, match="^abuse.blocked_domains: 'not a domain'"):
         parse_config({"abuse": {"blocked_domains": ["not a domain"]}})
+
+
+# ----------------------------------------------------------------------- purge, quarantine, release
+
+
+def accepted_ids(engine, customer: str) -> list[str]:
+    return [e.id for e in engine.events.recent if e.event == "accepted" and e.customer == customer]
+
+
+async def test_a_purge_quarantines_what_it_matches_survives_a_restart_and_is_released(tmp_path, autojump_clock):
+    sink = recording_sink()
+    cfg = config(tmp_path, shaping={"customer": {"spammy": {"max_message_rate": "1/h"}}})
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(mx=sink))
+        await submit(engine, "spammy", 6)                  # one goes, five wait for tokens
+        await engine.submit("s@x.test", ["spammy-a@y.test", "spammy-b@z.test"], BODY, customer="spammy")
+        await until(lambda: len(sink.messages) == 1)
+        with pytest.raises(ControlError, match="^reason: "):
+            engine.purge({"customer": "spammy"}, who="ops", reason=" ")
+        with pytest.raises(ControlError, match="^colour: not a purge filter"):
+            engine.purge({"colour": "red"}, who="ops", reason="why")
+        dry = engine.purge({"customer": "spammy"}, who="ops", reason="list bought", dry_run=True)
+        assert (dry["messages"], dry["recipients"]) == (6, 7)
+        assert engine.dispatcher.queued() == 7             # a dry run takes nothing (2 parts of one)
+        only_z = engine.purge({"customer": "spammy", "domain": "Z.test"}, who="ops", reason="z first")
+        assert (only_z["messages"], only_z["recipients"], only_z["in_flight"]) == (1, 1, 0)
+        purge = engine.purge({"customer": "spammy"}, who="ops@x", reason="list bought")
+        assert (purge["messages"], purge["recipients"]) == (6, 6) and purge["id"].startswith("Q")
+        assert engine.dispatcher.queued() == 0 and engine.statistics().live_messages == 6
+        await submit(engine, "calm", 3)                    # the others are not touched
+        await until(lambda: len(sink.messages) == 4)
+        n.cancel_scope.cancel()
+    quarantined = [e for e in engine.events.recent if e.event == "quarantined"]
+    assert len(quarantined) == 7 and quarantined[-1].detail["who"] == "ops@x"
+    assert [e.detail["value"] for e in engine.events.recent if e.event == "purged"] == [only_z["id"], purge["id"]]
+    async with trio.open_nursery() as n:                   # after a restart: still in quarantine
+        engine = await start(n, cfg, Sinks(mx=sink))
+        await trio.sleep(7200)
+        assert len(sink.messages) == 4 and engine.dispatcher.queued() == 0
+        assert sorted(engine.quarantine) == sorted([only_z["id"], purge["id"]])
+        with pytest.raises(ControlError, match="^id: no purge 'Qnope'"):
+            engine.release("Qnope", "ops", "why")
+        engine.control("limit", "customer", "spammy", "ops", "cleaned up", {"rate": "100/s"})
+        released = engine.release(purge["id"], "ops@x", "customer cleaned the list")
+        assert (released["messages"], released["recipients"]) == (6, 6)
+        await until(lambda: len(sink.messages) == 10)
+        assert engine.dispatcher.queued() == 0 and list(engine.quarantine) == [only_z["id"]]
+        n.cancel_scope.cancel()
+    # The part to y.test of the two-domain message went with the release; z.test stays held.
+    assert sorted(r for m in sink.messages for r in m["to"] if r.startswith("spammy-")) == ["spammy-a@y.test"]
+
+
+@pytest.mark.parametrize("then, record", [("bounce", "bounced"), ("drop", "canceled")])
+async def test_a_purge_not_released_in_time_is_bounced_or_dropped(tmp_path, autojump_clock, then, record):
+    from sender.model import Bounced, Canceled
+
+    from helpers import journal_records
+
+    sink = recording_sink()
+    cfg = config(tmp_path, shaping={"customer": {"acme": {"max_message_rate": "1/h"}}},
+                 controls={"quarantine_retention": "2d"})
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, Sinks(mx=sink))
+        await submit(engine, "acme", 4)
+        await until(lambda: len(sink.messages) == 1)
+        purge = engine.purge({"customer": "acme"}, who="ops", reason="phishing", then=then)
+        await trio.sleep(86400)
+        assert engine.statistics().live_messages == 3      # a day on: still releasable
+        await trio.sleep(86400 + 60)
+        assert engine.statistics().live_messages == 0 and not engine.controls.purges
+        n.cancel_scope.cancel()
+    finals = [r for r in journal_records(tmp_path / "spool") if isinstance(r, (Bounced, Canceled))]
+    assert len(finals) == 3 and all(isinstance(r, Bounced if then == "bounce" else Canceled) for r in finals)
+    outcomes = [e for e in engine.events.recent if e.event == record and e.customer == "acme"]
+    assert len(outcomes) == 3 and "phishing" in outcomes[0].reply
+    assert [e.detail["value"] for e in engine.events.recent if e.event == "quarantine_expired"] == [purge["id"]]
+    assert len(sink.messages) == 1
+
+
+# ----------------------------------------------------------------------- reroute and run-time limits
+
+
+def egress_config(tmp_path, **extra):
+    return config(tmp_path, source={"a": {"address": "127.0.0.2"}, "b": {"address": "127.0.0.3"}},
+                  pool={"main": {"sources": ["a"]}, "recovery": {"sources": ["b"]}},
+                  egress={"default_pool": "main"}, **extra)
+
+
+async def test_a_reroute_sends_a_domains_queued_and_new_mail_from_another_pool(tmp_path, autojump_clock):
+    sink = recording_sink()
+    sources: list[str] = []
+    sinks = Sinks(mx=sink)
+    plain = sinks.open_stream
+
+    async def open_stream(host, port, source=""):
+        sources.append(source)
+        return await plain(host, port, source)
+
+    sinks.open_stream = open_stream
+    cfg = egress_config(tmp_path, shaping={"domain": {"y.test": {"max_message_rate": "6/min"}}})
+    async with trio.open_nursery() as n:
+        engine = await start(n, cfg, sinks)
+        await submit(engine, "acme", 4)
+        await until(lambda: len(sink.messages) == 1)
+        assert set(sources) == {"127.0.0.2"}
+        with pytest.raises(ControlError, match="^pool: "):
+            engine.control("reroute", "domain", "y.test", "ops", "why", {"pool": "nope"})
+        engine.control("reroute", "domain", "Y.test", "ops", "main is listed at Spamhaus", {"pool": "recovery"})
+        await until(lambda: len(sink.messages) == 4)
+        assert sources[-1] == "127.0.0.3" and "127.0.0.2" not in sources[1:]
+        engine.control("unroute", "domain", "y.test", "ops", "delisted")
+        await submit(engine, "acme", 1)
+        await until(lambda: len(sink.messages) == 5)
+        n.cancel_scope.cancel()
+    assert sources[-1] == "127.0.0.2"
+    moves = [(e.event, e.detail.get("pool")) for e in engine.events.recent if e.event in ("rerouted", "unrouted")]
+    assert moves == [("rerouted", "recovery"), ("unrouted", None)]
+
+
+async def test_a_limit_set_at_run_time_holds_mail_survives_a_restart_and_is_lifted(tmp_path, autojump_clock):
+    sink = recording_sink()
+    async with trio.open_nursery() as n:
+        engine = await start(n, config(tmp_path), Sinks(mx=sink))
+        for bad, field in [({"rate": "fast"}, "rate"), ({}, "rate"), ({"rate": "1/s", "connections": 2}, "connections")]:
+            with pytest.raises(ControlError, match=f"^{field}: "):
+                engine.control("limit", "customer", "acme", "ops", "why", bad)
+        with pytest.raises(ControlError, match="^provider: no provider 'nowhere'"):
+            engine.control("limit", "provider", "nowhere", "ops", "why", {"rate": "1/s"})
+        engine.control("limit", "customer", "acme", "ops", "complaints up", {"rate": "1/h"})
+        await submit(engine, "acme", 3)
+        await submit(engine, "beta", 3)
+        await until(lambda: len(sink.messages) == 4)
+        await trio.sleep(600)
+        assert len(sink.messages) == 4                     # acme: one, then one an hour
+        n.cancel_scope.cancel()
+    async with trio.open_nursery() as n:
+        engine = await start(n, config(tmp_path), Sinks(mx=sink))
+        await trio.sleep(600)
+        assert len(sink.messages) == 5                     # the limit came back with the restart (full bucket)
+        await trio.sleep(600)
+        assert len(sink.messages) == 5
+        engine.control("unlimit", "customer", "acme", "ops", "handled")
+        await until(lambda: len(sink.messages) == 6)
+        n.cancel_scope.cancel()
+    assert [e.event for e in engine.events.recent if e.event in ("limited", "unlimited")] == ["unlimited"]
+
+
+async def test_a_providers_connections_can_be_limited_at_run_time(tmp_path, autojump_clock):
+    sink = recording_sink('[[rule]]\nmatch = "*"\naction = "delay"\ndelay = 5\n')
+    peak = 0
+
+    async with trio.open_nursery() as n:
+        cfg = config(tmp_path, {"connection_limit": 8}, shaping={"provider": {"box": {"match": ["mx"]}}})
+        engine = await start(n, cfg, Sinks(mx=sink))
+        engine.control("limit", "provider", "box", "ops", "they asked for 2", {"connections": 2})
+        for i in range(20):
+            await engine.submit("s@x.test", [f"u{i}@y.test"], BODY, customer="acme")
+        while len(sink.messages) < 20:
+            peak = max(peak, engine.dispatcher.in_flight())
+            await trio.sleep(0.5)
+        n.cancel_scope.cancel()
+    assert peak == 2

@@ -192,7 +192,9 @@ def test_a_reroute_moves_that_pools_mail_to_that_provider_only():
     assert sources("google", "ca") == sources("google", "") == {"127.0.0.4", "127.0.0.5"}
     assert sources("microsoft", "ca") == {"127.0.0.2", "127.0.0.3"}
     assert sources("google", "cd") == {"127.0.0.6"}           # a dedicated pool's mail stays put
-    assert choose(e, "google", T0 + 1, customer="ca")[0].reason == "from pool b"
+    assert choose(e, "google", T0 + 1, customer="ca")[0].reason == (
+        "from pool b (rerouted from pool a toward google by rule 'move-google'): 2 sources")
+    assert choose(e, "microsoft", T0 + 1, customer="ca")[0].reason == "from pool a (the customer's pool): 2 sources"
     e.tick(T0 + 3600)                                         # the reroute ends
     assert sources("google", "ca") == {"127.0.0.2", "127.0.0.3"}
 

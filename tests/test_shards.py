@@ -218,6 +218,49 @@ def test_the_http_api_across_two_shards(tmp_path):
         stop(sink)
 
 
+def test_operators_controls_reach_every_shard(tmp_path):
+    """A purge, its release and a drain made through one shard act on both."""
+    import httpx
+    import resend
+
+    http_port = free_port()
+    cfg = tmp_path / "ctl.toml"
+    cfg.write_text(
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        f'[listen]\nsmtp = ""\nhttp = "127.0.0.1:{http_port}"\nadmin_keys = ["adm"]\n'
+        f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{free_port()}"\n'
+        f'[[customer]]\nid = "acme"\napi_keys = ["re_acme"]\n'
+        f'[daemon]\nprocesses = 2\n')
+    saved = resend.api_url, resend.api_key
+    daemon = spawn(["run", "--config", str(cfg)], tmp_path / "daemon.out")
+    url = f"http://127.0.0.1:{http_port}"
+
+    def admin(path: str, **body) -> dict:
+        answer = httpx.post(url + path, headers={"authorization": "Bearer adm"}, json={"who": "ops", **body})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    try:
+        wait_for_line(daemon, tmp_path / "daemon.out", r"listening on .*HTTP, 2 processes")
+        resend.api_url, resend.api_key = url, "re_acme"
+        ids: list[str] = []
+        while len(ids) < 10 or len({i[-3:] for i in ids}) < 2 and len(ids) < 300:
+            ids.append(resend.Emails.send({"from": "app@x.test", "to": [f"u{len(ids)}@y.test"], "subject": "s",
+                                           "text": "hi", "scheduled_at": "in 1 hour"})["id"])
+        assert {i[-3:] for i in ids} == {"000", "001"}
+        assert admin("/admin/purge", customer="acme", dry_run=True, reason="look")["messages"] == len(ids)
+        purge = admin("/admin/purge", customer="acme", reason="bad list", then="drop")
+        assert purge["messages"] == len(ids) and purge["id"].startswith("Q")
+        assert admin("/admin/release", id=purge["id"], reason="fine after all")["messages"] == len(ids)
+        admin("/admin/drain", reason="deploy")
+        assert daemon.wait(timeout=30) == 0             # both shards drained and stopped
+        assert (tmp_path / "daemon.out").read_text().count("drained; shutting down") == 2
+    finally:
+        resend.api_url, resend.api_key = saved
+        if daemon.poll() is None:
+            stop(daemon)
+
+
 def test_peers_place_ids_and_keys_and_pick_a_less_busy_sibling():
     from array import array
 

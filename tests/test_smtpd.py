@@ -417,3 +417,19 @@ async def test_a_blocked_domain_is_refused_with_550_5_7_1(tmp_path):
                                                    b"Subject: s\r\n\r\nhi\r\n"))
             await env.wait_received(1)
     assert [rcpts for _, rcpts, _ in env.sink.received] == [["b@y.test"]]
+
+
+async def test_a_drain_refuses_new_mail_with_421_finishes_the_open_transaction_and_empties(tmp_path):
+    async with running(tmp_path) as env:
+        with trio.fail_after(BOUND):
+            a, b = await env.client(), await env.client()
+            assert (await b.cmd("MAIL FROM:<b@x.test>")).startswith("250 ")
+            assert (await b.cmd("RCPT TO:<u@y.test>")).startswith("250 ")
+            env.engine.drain("ops", "deploy")
+            refused = await a.cmd("MAIL FROM:<a@x.test>")
+            assert refused.startswith("421 4.3.2 "), refused
+            assert (await b.cmd("DATA")).startswith("354 ")        # the open transaction finishes
+            await b.send(WIRE + b".\r\n")
+            assert QUEUED.match(await b.reply())
+            await env.engine.drained.wait()                     # set once it was delivered
+            assert len(env.sink.received) == 1 and env.engine.statistics().live_messages == 0

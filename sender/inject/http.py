@@ -11,6 +11,8 @@ Served by hypercorn's trio worker until cancelled.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import datetime
 import hmac
@@ -31,13 +33,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..config import Config, Rate, parse_hostport, parse_rate
-from ..engine import Blocked, Engine, NotFound, NotScheduled, SpoolFull, Submission, Suppressed
+from ..config import Config, ConfigError, Rate, parse_duration, parse_hostport, parse_rate
+from ..engine import (PURGE_FIELDS, Blocked, Engine, NotFound, NotScheduled, QuotaExceeded, SpoolFull, Submission, Suppressed,
+                      TooManyRecipients)
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
 from ..scheduler import TokenBucket
-from ..controls import SCOPES, ControlError
+from ..controls import LIMIT_SCOPES, REROUTE_SCOPES, SCOPES, ControlError
 from ..dashboard import routes as dashboard_routes
 from ..explain import explain_live
 from ..metrics import CONTENT_TYPE as METRICS_TYPE
@@ -84,10 +87,17 @@ class _Keys:
                                                   for key in c.api_keys]
         self._keys += [(key.encode(), _ADMIN) for key in config.listen.admin_keys]
 
-    def _owner(self, request: Request) -> object:
+    def _owner(self, request: Request, basic: bool = False) -> object:
         auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
         key = key.strip()
+        if basic and scheme.lower() == "basic" and key:
+            # A browser's login (any user name, the key as password); see admin().
+            try:
+                key = base64.b64decode(key, validate=True).decode("utf-8", "surrogateescape").partition(":")[2]
+            except (binascii.Error, ValueError):
+                raise _invalid_key("Malformed Basic credentials") from None
+            scheme = "bearer"
         if scheme.lower() != "bearer" or not key:
             raise ApiError(401, "missing_api_key", "Missing API key in the authorization header. "
                                                    "Include the following header in the request: "
@@ -109,7 +119,10 @@ class _Keys:
         return owner
 
     def admin(self, request: Request) -> None:
-        if self._owner(request) is not _ADMIN:
+        """An admin key as a Bearer token, or, for reading (GET, HEAD: the dashboard in a
+        browser), as the password of HTTP Basic auth. Never Basic for a change: a browser
+        sends saved Basic credentials along with any other site's form post."""
+        if self._owner(request, basic=request.method in ("GET", "HEAD")) is not _ADMIN:
             raise _invalid_key("The /admin endpoints need an admin key (listen.admin_keys)")
 
 
@@ -180,16 +193,14 @@ def scheduled_at(payload: object, now: float) -> float:
 
 class _Limits:
     """Per customer: the request rate (a token bucket, Resend's ``ratelimit-*`` headers and 429
-    rate_limit_exceeded) and the daily quota of emails (429 daily_quota_exceeded). Counts are
-    kept in memory: a restart starts the day's count again. Each of ``shards`` processes takes
-    its share of both, like every other limit of a sharded daemon."""
+    rate_limit_exceeded). Each of ``shards`` processes takes its share, like every other limit
+    of a sharded daemon. The hourly and daily quotas of messages are the engine's, for every
+    way in (see :func:`_over_quota`)."""
 
     def __init__(self, config: Config, shards: int = 1) -> None:
         self.rates = {c.id: _share(parse_rate(c.api_rate_limit, "api_rate_limit"), shards) for c in config.customer
                       if c.api_rate_limit}
-        self.quotas = {c.id: -(-c.daily_quota // shards) for c in config.customer if c.daily_quota}
         self.buckets: dict[str, TokenBucket] = {}
-        self.sent: dict[str, tuple[int, int]] = {}      # customer -> (UTC day, emails that day)
 
     def admit(self, customer: str) -> dict[str, str]:
         """Take a request token; returns the rate-limit headers for the answer.
@@ -215,30 +226,14 @@ class _Limits:
                            f"{rate.per_second:g} requests per second.", headers=headers)
         return headers
 
-    def take_quota(self, customer: str, n: int, wall_now: float) -> None:
-        """Count ``n`` emails against today's quota, or refuse them all.
 
-        Raises:
-          ApiError: 429 daily_quota_exceeded.
-        """
-        quota = self.quotas.get(customer)
-        if quota is None:
-            return
-        day = int(wall_now // 86400)
-        seen_day, count = self.sent.get(customer, (day, 0))
-        if seen_day != day:
-            count = 0
-        if count + n > quota:
-            raise ApiError(429, "daily_quota_exceeded", f"You have reached your daily email sending quota "
-                           f"({quota:,}); {quota - count:,} left today.", headers={"Retry-After": str(
-                               math.ceil((day + 1) * 86400 - wall_now))})
-        self.sent[customer] = (day, count + n)
-
-    def give_back(self, customer: str, n: int) -> None:
-        """Emails counted but not queued (refused afterwards)."""
-        if customer in self.sent and n:
-            day, count = self.sent[customer]
-            self.sent[customer] = (day, max(0, count - n))
+def _over_quota(e: QuotaExceeded, now: float) -> ApiError:
+    """429 in Resend's shape (its ``daily_quota_exceeded``; ``hourly_quota_exceeded`` named
+    alike), with Retry-After: the seconds until the quota resets."""
+    period = "today" if e.quota == "daily" else "this hour"
+    return ApiError(429, f"{e.quota}_quota_exceeded", f"You have reached your {e.quota} email sending quota "
+                    f"({e.limit:,}); {e.left:,} left {period}. It resets at {iso_utc(e.retry_at)}.",
+                    headers={"Retry-After": str(max(1, math.ceil(e.retry_at - now)))})
 
 
 def _share(rate: Rate, shards: int) -> Rate:
@@ -271,7 +266,9 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                                        not_before=not_before, tags=built.tags)
         except SpoolFull:
             raise _spool_full() from None
-        except (Suppressed, Blocked) as e:
+        except QuotaExceeded as e:
+            raise _over_quota(e, engine.now()) from None
+        except (Suppressed, Blocked, TooManyRecipients) as e:
             raise _validation(f"to: {e}") from None
         except UsageError as e:
             raise _validation(str(e)) from None
@@ -306,22 +303,24 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                            engine.now())
         return response
 
+    def refuse_if_draining() -> None:
+        if engine.draining is not None:
+            raise ApiError(503, "service_unavailable", "The daemon is draining for shutdown; send again later",
+                           headers={"Retry-After": "60"})
+
     async def send_email(request: Request, customer: str) -> Response:
+        refuse_if_draining()
         payload = await _read_json(request, body_limit)
 
         async def answer() -> Response:
             built = build(payload)
             when = scheduled_at(payload, engine.now())
-            limits.take_quota(customer, 1, engine.now())
-            try:
-                return _json(200, {"id": await submit(built, customer, when)})
-            except ApiError:
-                limits.give_back(customer, 1)
-                raise
+            return _json(200, {"id": await submit(built, customer, when)})
 
         return await idempotent(request, customer, payload, answer)
 
     async def send_batch(request: Request, customer: str) -> Response:
+        refuse_if_draining()
         mode = request.headers.get("x-batch-validation", "strict").lower()
         if mode not in ("strict", "permissive"):
             raise _validation(f"x-batch-validation: expected \"strict\" or \"permissive\", got {mode!r}")
@@ -369,37 +368,142 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
         story = await trio.to_thread.run_sync(explain_live, msg_id, engine.events.folder, queued)
         return Response(msgspec.json.encode(story), media_type="application/json")
 
-    async def admin_control(request: Request) -> Response:
-        """``POST /admin/pause`` or ``/admin/resume`` with ``{"customer": "acme", "reason":
-        "...", "who": "..."}`` (one of customer, domain, provider, source, pool). On a sharded
-        daemon every shard makes the change."""
+    async def admin_payload(request: Request) -> tuple[bytes, dict]:
         body = await _read_body(request, 64 * 1024)
         try:
-            payload = orjson.loads(body)
+            payload = orjson.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError as e:
             raise _validation(f"invalid JSON: {e}") from None
         if not isinstance(payload, dict):
             raise _validation("the body must be an object")
-        scopes = [k for k in SCOPES if k in payload]
-        if len(scopes) != 1 or not isinstance(payload[scopes[0]], str):
-            raise _validation(f"one of {', '.join(SCOPES)} is required, as a string (exactly one)")
         for field in ("reason", "who"):
             if not isinstance(payload.get(field, ""), str):
                 raise _validation(f"{field}: must be a string")
-        action = request.url.path.rsplit("/", 1)[1]
-        try:
-            change = engine.control(action, scopes[0], payload[scopes[0]], payload.get("who", ""),
-                                    payload.get("reason", ""))
-        except ControlError as e:
-            raise _validation(str(e)) from None
+        return body, payload
+
+    async def on_every_shard(request: Request, body: bytes) -> list[dict]:
+        """Make an operator's change on the sibling shards too (when it came from a client);
+        their answers, as JSON (those that refused it included)."""
+        answers = []
         if peers is not None and not peers.from_peer(request):
             for shard in range(peers.count):
                 if shard != peers.index:
-                    await peers.forward(shard, request, body)
+                    answer = await peers.forward(shard, request, body)
+                    answers.append({"status": answer.status_code, **orjson.loads(answer.body)})
+        return answers
+
+    async def admin_control(request: Request) -> Response:
+        """``POST /admin/pause``, ``/admin/resume`` (one of customer, domain, provider,
+        source, pool), ``/admin/reroute`` (domain or provider, and ``pool``),
+        ``/admin/unroute``, ``/admin/limit`` (customer, domain, provider or source, and
+        ``rate`` and/or a provider's ``connections``), ``/admin/unlimit``; each with
+        ``reason`` and ``who``. On a sharded daemon every shard makes the change."""
+        body, payload = await admin_payload(request)
+        action = request.url.path.rsplit("/", 1)[1]
+        scopes = _SCOPES_OF[action]
+        extra = {"reroute": ("pool",), "limit": ("rate", "connections")}.get(action, ())
+        for field in payload:
+            if field not in (*scopes, *extra, "reason", "who"):
+                raise _validation(f"{field}: not a field of /admin/{action} (expected one of "
+                                  f"{', '.join(scopes)}, {', '.join((*extra, 'reason', 'who'))})")
+        named = [k for k in scopes if k in payload]
+        if len(named) != 1 or not isinstance(payload[named[0]], str):
+            raise _validation(f"one of {', '.join(scopes)} is required, as a string (exactly one)")
+        try:
+            change = engine.control(action, named[0], payload[named[0]], payload.get("who", ""),
+                                    payload.get("reason", ""), {k: payload[k] for k in extra if k in payload})
+        except ControlError as e:
+            raise _validation(str(e)) from None
+        await on_every_shard(request, body)
         return _json(200, msgspec.to_builtins(change))
 
     async def admin_pauses(request: Request) -> Response:
         return _json(200, {"data": [msgspec.to_builtins(c) for c in engine.controls.pauses.values()]})
+
+    async def admin_controls(request: Request) -> Response:
+        """Every control in force: pauses, reroutes, limits, purges in quarantine, a drain."""
+        c = engine.controls
+        purges = [{**msgspec.to_builtins(p), "detail": {k: v for k, v in p.detail.items() if k != "parts"}}
+                  for p in c.purges.values()]
+        return _json(200, {"pauses": msgspec.to_builtins(list(c.pauses.values())),
+                           "reroutes": msgspec.to_builtins(list(c.reroutes.values())),
+                           "limits": msgspec.to_builtins(list(c.limits.values())),
+                           "quarantine": purges,
+                           "draining": msgspec.to_builtins(engine.draining)})
+
+    async def admin_purge(request: Request) -> Response:
+        """``POST /admin/purge`` with a filter (customer, domain, provider, message_type,
+        id), ``reason``, ``who``, and optionally ``dry_run``, ``then`` ("bounce" or "drop")
+        and ``keep`` (seconds or a duration such as "3d"): the queued mail it matches goes
+        into quarantine. The figures are those of every shard."""
+        body, payload = await admin_payload(request)
+        from_peer = peers is not None and peers.from_peer(request)
+        options = ("reason", "who", "dry_run", "then", "keep")
+        for field in payload:
+            if field not in (*PURGE_FIELDS, *options) and not (from_peer and field == "purge_id"):
+                raise _validation(f"{field}: not a field of /admin/purge (a filter of "
+                                  f"{', '.join(PURGE_FIELDS)}, and {', '.join(options)})")
+        dry_run = payload.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise _validation("dry_run: must be true or false")
+        keep = payload.get("keep")
+        try:
+            keep = parse_duration(keep, "keep") if keep is not None else None
+            # The siblings purge under the same id, so that one release reaches them all.
+            purge_id = payload["purge_id"] if from_peer else engine.new_purge_id()
+            answer = engine.purge({k: payload[k] for k in PURGE_FIELDS if k in payload},
+                                  who=payload.get("who", ""), reason=payload.get("reason", ""),
+                                  then=payload.get("then", "bounce"), dry_run=dry_run, keep=keep, purge_id=purge_id)
+        except (ControlError, ConfigError) as e:
+            raise _validation(str(e)) from None
+        if peers is not None and not from_peer:
+            for other in await on_every_shard(request, orjson.dumps({**payload, "purge_id": purge_id})):
+                for k in ("messages", "recipients", "in_flight"):
+                    answer[k] = answer.get(k, 0) + other.get(k, 0)
+            if not dry_run:
+                answer["id"] = purge_id if answer["messages"] else None
+        return _json(200, answer)
+
+    async def admin_release(request: Request) -> Response:
+        """``POST /admin/release`` with the purge's ``id``, ``reason`` and ``who``."""
+        body, payload = await admin_payload(request)
+        if not isinstance(payload.get("id"), str):
+            raise _validation("id: the purge's id is required, as a string")
+        try:
+            answer: dict = engine.release(payload["id"], payload.get("who", ""), payload.get("reason", ""))
+        except ControlError as e:
+            if peers is None or peers.from_peer(request):
+                raise _validation(str(e)) from None
+            answer = {"id": payload["id"], "messages": 0, "recipients": 0, "error": str(e)}
+        found = "error" not in answer
+        for other in await on_every_shard(request, body):
+            found = found or other["status"] == 200
+            answer["messages"] += other.get("messages", 0)
+            answer["recipients"] += other.get("recipients", 0)
+        if not found:
+            raise _validation(answer["error"])
+        answer.pop("error", None)
+        return _json(200, answer)
+
+    async def admin_drain(request: Request) -> Response:
+        """``POST /admin/drain`` (``reason``, ``who``, ``timeout``) closes intake and stops
+        the daemon once nothing is left to send now; ``POST /admin/undrain`` calls it off."""
+        body, payload = await admin_payload(request)
+        for field in payload:
+            if field not in ("reason", "who", "timeout"):
+                raise _validation(f"{field}: not a field of {request.url.path} (reason, who, timeout)")
+        timeout = payload.get("timeout")
+        try:
+            if timeout is not None:
+                timeout = parse_duration(timeout, "timeout")
+            if request.url.path.endswith("/undrain"):
+                change = engine.undrain(payload.get("who", ""), payload.get("reason", ""))
+            else:
+                change = engine.drain(payload.get("who", ""), payload.get("reason", ""), timeout)
+        except (ControlError, ConfigError) as e:
+            raise _validation(str(e)) from None
+        await on_every_shard(request, body)
+        return _json(200, msgspec.to_builtins(change))
 
     async def metrics(request: Request) -> Response:
         return Response(engine.metrics.page(), media_type=METRICS_TYPE)
@@ -488,6 +592,10 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
         for i, payload in enumerate(payloads):
             try:
                 built, when = build(payload, f"[{i}]."), _at(i, payload, now)
+                try:
+                    engine.check_recipients(customer, len(built.rcpts))
+                except TooManyRecipients as e:
+                    raise _validation(f"[{i}].to: {e}") from None
                 if len(engine.blocked(built.rcpts)) == len(built.rcpts):
                     raise _validation(f"[{i}].to: every recipient is at a blocked domain (abuse.blocked_domains)")
                 suppressed = engine.suppressed(customer, built.rcpts, now)
@@ -501,10 +609,13 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
         if engine.spool_full:
             raise _spool_full()
         valid = [c for c in checked if isinstance(c, Submission)]
-        limits.take_quota(customer, len(valid), now)
-        # One group commit for the whole batch.
+        if mode == "strict":
+            try:                            # all or nothing: the whole batch must fit the quotas
+                engine.check_quota(customer, [c.rcpts for c in valid], now=now)
+            except QuotaExceeded as e:
+                raise _over_quota(e, now) from None
+        # One group commit for the whole batch (permissive: those the quotas hold are refused).
         got = await engine.submit_many(valid)
-        limits.give_back(customer, sum(1 for g in got if not isinstance(g, str)))
         results = iter(got)
         data: list[dict] = []
         errors: list[dict] = []
@@ -513,7 +624,8 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             if isinstance(got, str):
                 data.append({"id": got})
             else:
-                message = got.message if isinstance(got, ApiError) else f"[{i}].to: {got}"
+                message = got.message if isinstance(got, ApiError) else \
+                    _over_quota(got, now).message if isinstance(got, QuotaExceeded) else f"[{i}].to: {got}"
                 errors.append({"index": i, "message": message.removeprefix(f"[{i}].")})
         if mode == "strict":
             if errors:                      # a race with the spool filling up: say so
@@ -540,12 +652,23 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                 Route("/admin/pause", admin_endpoint(admin_control), methods=["POST"]),
                 Route("/admin/resume", admin_endpoint(admin_control), methods=["POST"]),
                 Route("/admin/pauses", admin_endpoint(admin_pauses), methods=["GET"]),
+                *[Route(f"/admin/{action}", admin_endpoint(admin_control), methods=["POST"])
+                  for action in ("reroute", "unroute", "limit", "unlimit")],
+                Route("/admin/controls", admin_endpoint(admin_controls), methods=["GET"]),
+                Route("/admin/purge", admin_endpoint(admin_purge), methods=["POST"]),
+                Route("/admin/release", admin_endpoint(admin_release), methods=["POST"]),
+                Route("/admin/drain", admin_endpoint(admin_drain), methods=["POST"]),
+                Route("/admin/undrain", admin_endpoint(admin_drain), methods=["POST"]),
                 Route("/admin/events", admin_endpoint(admin_events), methods=["GET"]),
                 Route("/admin/webhooks/dead", admin_endpoint(admin_dead_letters), methods=["GET"]),
                 Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"]),
                 *dashboard_routes(engine, admin_endpoint)],
         exception_handlers={HTTPException: on_http_error},
     )
+
+
+_SCOPES_OF = {"pause": SCOPES, "resume": SCOPES, "reroute": REROUTE_SCOPES, "unroute": REROUTE_SCOPES,
+              "limit": LIMIT_SCOPES, "unlimit": LIMIT_SCOPES}
 
 
 def _email_body(email: Email) -> dict:

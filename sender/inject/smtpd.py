@@ -3,6 +3,11 @@
 A message is acknowledged (``250 2.0.0 Ok: queued as ID``) only once the engine has made it
 durable. When the spool is over its limit, MAIL and end-of-data answer ``452 4.3.1`` so that
 clients hold their mail and retry (backpressure); nothing already acknowledged is touched.
+
+A customer over its hourly or daily quota gets ``451 4.7.1`` (naming the quota, its limit and
+when it resets): at MAIL when the listener knows the customer by then (``listen.customer``),
+else at the end of DATA (the ``X-Sender-Customer`` header). Its ``max_recipients`` answers
+``452 4.5.3`` at each RCPT beyond it when known by then, else ``554 5.5.3`` at the end of DATA.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import time
 import trio
 
 from ..config import parse_hostport
-from ..engine import Blocked, Engine, SpoolFull, Suppressed
+from ..engine import Blocked, Engine, QuotaExceeded, SpoolFull, Suppressed, TooManyRecipients
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..smtp.sockets import FastListener, open_listener
@@ -49,7 +54,12 @@ class Listener:
         self.engine = engine
         self.watchdog = watchdog
         self.sessions = 0
+        self.protocols: set[ServerProtocol] = set()
         self.clock = _Clock()
+
+    def busy(self) -> bool:
+        """Whether a client is in a transaction (a drain lets it finish)."""
+        return any(p.in_transaction for p in self.protocols)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         cfg = self.engine.config.listen
@@ -60,10 +70,12 @@ class Listener:
         except (AttributeError, OSError):
             peer = "unknown"
         self.sessions += 1
+        self.protocols.add(proto)
         try:
             await serve_session(stream, proto, _Session(self, proto, peer), watchdog=self.watchdog)
         finally:
             self.sessions -= 1
+            self.protocols.discard(proto)
 
 
 _CONTROL = re.compile(rb"^(x-sender-customer|x-sender-message-type|resend-idempotency-key):[ \t]*([^\r\n]*?)[ \t]*\r\n",
@@ -91,16 +103,34 @@ class _Session:
         self.engine = listener.engine
         self.proto = proto
         self.peer = peer
+        # Known before DATA only with listen.customer; otherwise the message's header says.
+        self.customer = listener.engine.config.listen.customer
+        self.rcpts = 0                  # recipients taken in this transaction
 
     async def on_mail(self, ev: MailFrom) -> Answer:
         if self.engine.spool_full:
             return _SPOOL_FULL
+        if self.engine.draining is not None:
+            return 421, "4.3.2", "Service shutting down (draining), try again later or another host"
+        self.rcpts = 0
+        # Not for the null sender: reports to bounces.domain come that way, and are no mail of
+        # the customer's (its own null-sender mail is still counted and refused at the DATA's end).
+        if self.customer and ev.address:
+            try:
+                self.engine.check_quota(self.customer)
+            except QuotaExceeded as e:
+                return 451, "4.7.1", str(e)
         return 250, "2.1.0", "Ok"
 
     async def on_rcpt(self, ev: RcptTo) -> Answer:
         local, at, domain = ev.address.rpartition("@")
         if not at or not local or not domain or "." not in domain.strip("[]") and not domain.startswith("["):
             return 501, "5.1.3", f"Bad recipient address syntax: {ev.address}"
+        limit = self.engine.recipient_limit(self.customer) if self.customer else 0
+        if limit and self.rcpts >= limit:
+            # RFC 5321 4.5.3.1.10: the client sends the rest in another transaction.
+            return 452, "4.5.3", f"Too many recipients: at most {limit} a message for customer {self.customer}"
+        self.rcpts += 1
         return 250, "2.1.5", "Ok"
 
     def _received(self, msg_id: str, rcpts: list[str]) -> bytes:
@@ -121,7 +151,7 @@ class _Session:
             report = self.engine.take_report(rcpts, ev.body)
             return 250, "2.0.0", f"Ok: {report.kind} read, {len(report.recipients)} recipients"
         body, meta = take_control_headers(ev.body)
-        customer = meta.get("customer", "")
+        customer = self.customer or meta.get("customer", "")
         key = meta.get("resend-idempotency-key")
         if key is not None:
             store = self.engine.idempotency
@@ -147,6 +177,10 @@ class _Session:
                 return _SPOOL_FULL
             if isinstance(e, (Suppressed, Blocked)):
                 return 550, "5.7.1", str(e)
+            if isinstance(e, QuotaExceeded):
+                return 451, "4.7.1", str(e)
+            if isinstance(e, TooManyRecipients):
+                return 554, "5.5.3", str(e)
             return 554, "5.5.4", str(e)
         except BaseException:
             if key is not None:
@@ -184,7 +218,11 @@ async def serve_smtp(engine: Engine, address: str, *, listener: FastListener | N
             if listener.balance is not None:
                 listener.balance.closed()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watchdog.run)
-        task_status.started(bound)
-        await trio.serve_listeners(limited, [listener], handler_nursery=nursery)
+    engine.intake_busy.append(handler.busy)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog.run)
+            task_status.started(bound)
+            await trio.serve_listeners(limited, [listener], handler_nursery=nursery)
+    finally:
+        engine.intake_busy.remove(handler.busy)

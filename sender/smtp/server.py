@@ -207,6 +207,11 @@ class ServerProtocol:
     # -- the caller's side
 
     @property
+    def in_transaction(self) -> bool:
+        """Between an accepted MAIL and the end of its message (or RSET)."""
+        return self._sender is not None
+
+    @property
     def helo(self) -> str | None:
         """The name the client gave in its last HELO/EHLO (for the Received: trace line)."""
         return self._hello
