@@ -35,7 +35,7 @@ SCOPES = ("customer", "domain", "provider", "source", "pool")      # of a pause
 REROUTE_SCOPES = ("domain", "provider")
 LIMIT_SCOPES = ("customer", "domain", "provider", "source")
 # What sets a state -> what lifts it; a purge is ended by a release or its expiry.
-_LIFTS = {"resume": "pause", "unroute": "reroute", "unlimit": "limit", "undrain": "drain"}
+_LIFTS = {"resume": "pause", "unroute": "reroute", "unlimit": "limit"}
 ACTIONS = ("pause", "resume", "reroute", "unroute", "limit", "unlimit", "purge", "release", "expire",
            "drain", "undrain")
 
@@ -74,7 +74,7 @@ class Controls:
         self.reroutes: dict[tuple[str, str], Change] = {}
         self.limits: dict[tuple[str, str], Change] = {}
         self.purges: dict[str, Change] = {}         # purge id -> the purge, while its mail is held
-        self.draining: Change | None = None
+        self._states = {"pause": self.pauses, "reroute": self.reroutes, "limit": self.limits}
         try:
             lines = self.path.read_bytes().splitlines()
         except FileNotFoundError:
@@ -84,7 +84,6 @@ class Controls:
                 self._apply(msgspec.json.decode(line, type=Change))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue                    # a torn last line: the change was never answered
-        self.draining = None                # a drain ends with the process that drained
         if len(lines) > 1000 and len(lines) > 4 * len(self.in_force()):
             replace_file(self.path, (msgspec.json.encode(c) + b"\n" for c in self.in_force()))
 
@@ -95,19 +94,15 @@ class Controls:
 
     def _apply(self, change: Change) -> None:
         key = (change.scope, change.value)
-        table = {"pause": self.pauses, "reroute": self.reroutes, "limit": self.limits}
-        if change.action in table:
-            table[change.action][key] = change
-        elif change.action in ("resume", "unroute", "unlimit"):
-            table[_LIFTS[change.action]].pop(key, None)
+        if change.action in self._states:
+            self._states[change.action][key] = change
+        elif change.action in _LIFTS:
+            self._states[_LIFTS[change.action]].pop(key, None)
         elif change.action == "purge":
             self.purges[change.value] = change
         elif change.action in ("release", "expire"):
             self.purges.pop(change.value, None)
-        elif change.action == "drain":
-            self.draining = change
-        elif change.action == "undrain":
-            self.draining = None
+        # (a drain is kept for the record: it ends with the process that drained)
 
     def record(self, change: Change) -> Change:
         """Make ``change`` durable (appended and fsynced), then put it in force."""
@@ -140,8 +135,7 @@ class Controls:
         if scope == "pool" and value not in self.pools:
             raise ControlError(f"pool: no [pool.{value}]")
         if action in _LIFTS:
-            table = {"pause": self.pauses, "reroute": self.reroutes, "limit": self.limits}[_LIFTS[action]]
-            if (scope, value) not in table:
+            if (scope, value) not in self._states[_LIFTS[action]]:
                 state = {"pause": "paused", "reroute": "rerouted", "limit": "limited"}[_LIFTS[action]]
                 raise ControlError(f"{scope}: {value!r} is not {state}")
             detail = {}

@@ -6,7 +6,11 @@ which message and customer, where it went (recipient domain, provider, site, sou
 and why that source: ``chosen``) and what the remote host said (reply and category). Events
 of no message tell why mail waits or goes elsewhere: ``throttled`` (a bucket holding mail:
 ``detail`` {bucket, held, until}, with the customer, domain, provider, source or site it
-concerns), ``automation`` (a rule fired). :class:`EventLog` writes them as JSON lines
+concerns), ``automation`` (a rule fired), and the operators' changes with who and why in
+``detail``: ``paused``, ``resumed``, ``rerouted``, ``unrouted``, ``limited``, ``unlimited``,
+``purged``, ``released``, ``quarantine_expired``, ``draining``, ``undrained``. A purge's
+messages each get ``quarantined`` (and ``released``, or at the end ``bounced`` or
+``canceled``). :class:`EventLog` writes them as JSON lines
 to ``events/YYYY-MM-DDTHH.jsonl``, one file per UTC hour, deletes files past the retention,
 keeps the most recent in memory, and hands each to its subscribers (webhooks, the API's email
 status) as it happens.

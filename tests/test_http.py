@@ -648,3 +648,38 @@ async def test_a_blocked_domain_is_422_naming_to(tmp_path):
         r = await env.post("/emails/batch", [email(), email("y@trap.example")])
         assert r.status_code == 422 and r.json()["message"].startswith("[1].to: every recipient is at a blocked")
         assert env.engine.counts["accepted"] == 0
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/admin/purge", {"colour": "red", "reason": "x"}, "colour"),
+    ("/admin/purge", {"customer": "acme"}, "reason"),
+    ("/admin/purge", {"customer": "acme", "reason": "x", "then": "burn"}, "then"),
+    ("/admin/purge", {"customer": "acme", "reason": "x", "dry_run": "yes"}, "dry_run"),
+    ("/admin/purge", {"customer": "acme", "reason": "x", "keep": "forever"}, "keep"),
+    ("/admin/purge", {"customer": "acme", "reason": "x", "purge_id": "Q1"}, "purge_id"),
+    ("/admin/release", {"reason": "x"}, "id"),
+    ("/admin/reroute", {"domain": "y.test", "pool": "p", "reason": "x"}, "pool"),
+    ("/admin/reroute", {"customer": "acme", "pool": "p", "reason": "x"}, "customer: not a field"),
+    ("/admin/limit", {"source": "127.0.0.2", "connections": 3, "reason": "x"}, "connections"),
+    ("/admin/unlimit", {"customer": "acme", "reason": "x"}, "customer"),
+    ("/admin/drain", {"reason": "x", "timeout": "soonish"}, "timeout"),
+    ("/admin/undrain", {"reason": "x"}, "drain"),
+])
+async def test_a_bad_control_is_422_naming_its_field_and_changes_nothing(tmp_path, path, body, field):
+    async with running(tmp_path) as env:
+        r = await env.post(path, body, key=ADMIN)
+        assert r.status_code == 422 and r.json()["message"].startswith(f"{field}"), r.text
+        controls = (await env.get("/admin/controls", key=ADMIN)).json()
+        assert controls == {"pauses": [], "reroutes": [], "limits": [], "quarantine": [], "draining": None}
+
+
+async def test_a_draining_daemon_answers_503_to_new_mail_until_the_drain_is_called_off(tmp_path):
+    async with running(tmp_path) as env:
+        r = await env.post("/admin/drain", {"reason": "deploy", "timeout": "1h"}, key=ADMIN)
+        assert r.status_code == 200 and r.json()["who"] == "unknown"
+        r = await env.post("/emails", email("late@y.test"))
+        assert r.status_code == 503 and r.headers["retry-after"] == "60"
+        assert (await env.post("/emails/batch", [email("late@y.test")])).status_code == 503
+        assert (await env.post("/admin/undrain", {"reason": "deploy called off"}, key=ADMIN)).status_code == 200
+        assert (await env.post("/emails", email("late@y.test"))).status_code == 200
+        assert not env.engine.drained.is_set() and env.engine.counts["accepted"] == 1
