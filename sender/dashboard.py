@@ -9,8 +9,8 @@ The data: the engine's totals and queue depth by state; the queued deliveries by
 customer and source address, counted from the live registry (cached for a second, longer when
 the walk is slow); outcomes per 10-second interval over the last 15 minutes and bounce
 categories over the last hour, both counted from the events by one subscriber per engine; the
-pauses and automation actions in force. On a sharded daemon each shard answers with its own
-figures.
+pauses and automation actions in force. On a sharded daemon the shard that answers asks its
+siblings for theirs and sums them (:func:`merge`): one view of the whole daemon.
 """
 
 from __future__ import annotations
@@ -253,19 +253,66 @@ def board(engine) -> Board:
     return found
 
 
-def routes(engine, admin_endpoint) -> list:
-    """``GET /dashboard`` and ``GET /admin/dashboard.json``, each behind ``admin_endpoint``."""
+def routes(engine, admin_endpoint, peers=None) -> list:
+    """``GET /dashboard`` and ``GET /admin/dashboard.json``, each behind ``admin_endpoint``;
+    with ``peers`` (a sharded daemon), the data of every shard, summed."""
     state = board(engine)
 
     async def page(request: Request) -> Response:
         return Response(PAGE, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     async def data(request: Request) -> Response:
-        return Response(orjson.dumps(state.data(engine)), media_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+        mine = state.data(engine)
+        if peers is not None and not peers.from_peer(request):
+            parts = [mine]
+            for shard in range(peers.count):
+                if shard != peers.index:
+                    answer = await peers.forward(shard, request, b"")
+                    if answer.status_code == 200:
+                        parts.append(orjson.loads(answer.body))
+            mine = merge(parts)
+            mine["shards"] = f"{len(parts)}/{peers.count}"
+        return Response(orjson.dumps(mine), media_type="application/json", headers={"Cache-Control": "no-store"})
 
     return [Route("/dashboard", _asking_basic(admin_endpoint(page), only=True), methods=["GET"]),
             Route("/admin/dashboard.json", _asking_basic(admin_endpoint(data), only=False), methods=["GET"])]
+
+
+def merge(parts: list[dict]) -> dict:
+    """The data of several shards as one: figures summed, outcome series aligned on time,
+    bounce categories summed, automation actions of any shard; the pauses and other controls
+    are the same on every shard (each change is made on all), so the first's stand. The
+    series end with the newest window among them."""
+    parts = sorted(parts, key=lambda p: -p["rates"]["start"])
+    out = orjson.loads(orjson.dumps(parts[0]))
+    for part in parts[1:]:
+        out["now"] = max(out["now"], part["now"])
+        for section in ("totals", "depth"):
+            for k, v in part[section].items():
+                out[section][k] = out[section].get(k, 0) + v
+        queued = out["queued"]
+        queued["total"] += part["queued"]["total"]
+        for dim in DIMENSIONS:
+            for value, n in part["queued"][dim].items():
+                queued[dim][value] = queued[dim].get(value, 0) + n
+        rates, theirs = out["rates"], part["rates"]
+        shift = round((theirs["start"] - rates["start"]) / rates["interval"])
+        for dim in DIMENSIONS:
+            for value, row in theirs[dim].items():
+                mine = rates[dim].setdefault(value, {k: {"total": 0, "series": [0] * rates["buckets"]} for k in KINDS})
+                for kind in KINDS:
+                    mine[kind]["total"] += row[kind]["total"]
+                    for i, n in enumerate(row[kind]["series"]):
+                        if 0 <= i + shift < rates["buckets"]:
+                            mine[kind]["series"][i + shift] += n
+        categories = collections.Counter({c["category"]: c["count"] for c in out["bounce_categories"]})
+        categories.update({c["category"]: c["count"] for c in part["bounce_categories"]})
+        out["bounce_categories"] = [{"category": c, "count": n}
+                                    for c, n in sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))]
+        out["automation"] += [a for a in part["automation"] if a not in out["automation"]]
+    for dim in DIMENSIONS:
+        out["queued"][dim] = dict(sorted(out["queued"][dim].items(), key=lambda kv: (-kv[1], kv[0])))
+    return out
 
 
 def _asking_basic(endpoint, *, only: bool):
@@ -554,9 +601,9 @@ function renderAutomation(d) {
 }
 
 function render(d) {
-  $("note").className = d.processes > 1 ? "shown" : "";
-  $("note").textContent = d.processes > 1 ?
-    `This daemon runs ${d.processes} processes: each refresh shows the figures of the one that answered.` : "";
+  const partial = d.shards && d.shards.split("/")[0] !== d.shards.split("/")[1];
+  $("note").className = partial ? "shown" : "";
+  $("note").textContent = partial ? `Only ${d.shards} processes answered: the figures are theirs.` : "";
   renderTotals(d);
   renderDepth(d);
   renderQueueChart(d);

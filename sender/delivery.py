@@ -838,12 +838,7 @@ class Dispatcher:
         self._paused += self.shaper.drain_where(
             lambda customer, domain, pool: controls.holding(customer, domain, pool.provider, pool.source) is not None,
             now)
-        for pool in self.pools.values():
-            held = [d for d in pool.queue if controls.holds(d, pool)]
-            if held:
-                gone = {id(d) for d in held}
-                pool.queue = deque(d for d in pool.queue if id(d) not in gone)
-                self._paused += [(d, pool) for d in held]
+        self._paused += self._out_of_site_queues(controls.holds)
         waiting, self._paused = self._paused, []
         for d, pool in waiting:
             if controls.holds(d, pool):
@@ -860,12 +855,7 @@ class Dispatcher:
             return d_domain == domain if domain else pool.provider == provider
 
         waiting = self.shaper.drain_where(lambda customer, d_domain, pool: concerned(d_domain, pool), now)
-        for pool in self.pools.values():
-            mine = [d for d in pool.queue if concerned(d.domain, pool)]
-            if mine:
-                gone = {id(d) for d in mine}
-                pool.queue = deque(d for d in pool.queue if id(d) not in gone)
-                waiting += [(d, pool) for d in mine]
+        waiting += self._out_of_site_queues(lambda d, pool: concerned(d.domain, pool))
         kept = [(d, pool) for d, pool in self._paused if not concerned(d.domain, pool)]
         waiting += [(d, pool) for d, pool in self._paused if concerned(d.domain, pool)]
         self._paused = kept
@@ -885,20 +875,12 @@ class Dispatcher:
         transaction under way is not taken: its outcome comes as usual."""
         now = self.now()
         ids = {id(d) for d in wanted}
-        taken: list[Delivery] = []
-
-        def keep(d: Delivery) -> bool:
-            if id(d) in ids:
-                taken.append(d)
-                return False
-            return True
-
-        self._paused = [(d, pool) for d, pool in self._paused if keep(d)]
+        taken = [d for d, _ in self._paused if id(d) in ids]
+        self._paused = [(d, pool) for d, pool in self._paused if id(d) not in ids]
         for domain, waiting in self._resolving.items():
-            self._resolving[domain] = [d for d in waiting if keep(d)]
-        for pool in self.pools.values():
-            if any(id(d) in ids for d in pool.queue):
-                pool.queue = deque(d for d in pool.queue if keep(d))
+            taken += [d for d in waiting if id(d) in ids]
+            self._resolving[domain] = [d for d in waiting if id(d) not in ids]
+        taken += [d for d, _ in self._out_of_site_queues(lambda d, pool: id(d) in ids)]
         keys = {(d.customer, d.domain) for d in wanted}
         for d, pool in self.shaper.drain_where(lambda customer, domain, pool: (customer, domain) in keys, now):
             if id(d) in ids:
@@ -914,6 +896,17 @@ class Dispatcher:
                 taken.append(d)
         self._poke(self.shaper.next_wakeup())
         return taken
+
+    def _out_of_site_queues(self, wanted: Callable[[Delivery, SitePool], bool]) -> list[tuple[Delivery, SitePool]]:
+        """Take the deliveries ``wanted`` out of the sites' queues, each with its path."""
+        out: list[tuple[Delivery, SitePool]] = []
+        for pool in self.pools.values():
+            mine = [d for d in pool.queue if wanted(d, pool)]
+            if mine:
+                gone = {id(d) for d in mine}
+                pool.queue = deque(d for d in pool.queue if id(d) not in gone)
+                out += [(d, pool) for d in mine]
+        return out
 
     def paused(self) -> int:
         return len(self._paused)

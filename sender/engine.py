@@ -31,13 +31,14 @@ from .abuse import AbuseWatch
 from .controls import Change, ControlError, Controls, check_reason, with_limits
 from .dkim import DkimError, Signer
 from .routing import describe_action
-from .events import Event, EventLog, Query, event_files, file_name, select
+from .events import Event, EventLog
 from .webhooks import Webhooks
 from .metrics import Metrics
 from .mime import summary
 from .status import Email, EmailStatus, iso_utc
 from .ndr import build_report, wants_report
 from .idempotency import IdempotencyStore
+from .quotas import QuotaExceeded, Quotas, TooManyRecipients
 from .suppression import SUPPRESSING_CATEGORIES, Entry, SuppressionList
 from .journal import Journal, JournalStatistics
 from .smtp.client import OpenStream
@@ -71,29 +72,6 @@ class Suppressed(UsageError):
 
 class Blocked(UsageError):
     """Every recipient is at a domain of ``abuse.blocked_domains``; nothing was queued."""
-
-
-class QuotaExceeded(UsageError):
-    """The customer's ``hourly_quota`` or ``daily_quota`` of accepted messages is used up;
-    nothing was queued. ``quota`` is "hourly" or "daily", ``limit`` the number this process
-    enforces (its share on a sharded daemon), ``left`` how many would still fit (a batch),
-    ``retry_at`` (wall-clock seconds) when the quota resets: the next UTC hour or day."""
-
-    def __init__(self, customer: str, quota: str, limit: int, retry_at: float, left: int = 0,
-                 configured: int = 0) -> None:
-        self.customer, self.quota, self.limit, self.retry_at, self.left = customer, quota, limit, retry_at, left
-        share = f", this process's share of {configured:,}" if configured > limit else ""
-        super().__init__(f"{quota} quota of customer {customer!r} reached ({limit:,} messages{share}); "
-                         f"it resets at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(retry_at))}")
-
-
-class TooManyRecipients(UsageError):
-    """More recipients than the customer's ``max_recipients`` a message; nothing was queued."""
-
-    def __init__(self, customer: str, limit: int, given: int) -> None:
-        self.customer, self.limit = customer, limit
-        super().__init__(f"too many recipients ({given}): customer {customer!r} may send to at most {limit:,} "
-                         f"a message; send the rest in another message")
 
 
 class EngineStatistics(msgspec.Struct, frozen=True):
@@ -199,15 +177,7 @@ class Engine:
         self._pid = (os.getpid() if id_suffix is None else id_suffix) & 0xFFF
         self.counts = dict.fromkeys(("accepted", "delivered", "deferred", "bounced", "expired", "suppressed",
                                      "bounced_later", "complaints", "canceled"), 0)
-        # Per customer with a quota: (hourly, daily) of this process (1/N of each on N shards,
-        # at least 1; 0 = none), then the configured two; and its messages taken so far:
-        # [UTC hour, messages that hour, UTC day, messages that day].
-        shares = config.daemon.processes
-        self._quotas = {c.id: (max(1, c.hourly_quota // shares) if c.hourly_quota else 0,
-                               max(1, c.daily_quota // shares) if c.daily_quota else 0, c.hourly_quota, c.daily_quota)
-                        for c in config.customer if c.hourly_quota or c.daily_quota}
-        self._taken: dict[str, list[int]] = {}
-        self._max_rcpts = {c.id: c.max_recipients for c in config.customer if c.max_recipients}
+        self.quotas = Quotas(config.customer, config.daemon.processes)
         su = config.suppression
         self.suppression = SuppressionList(
             suppression_path(config), {"bad_domain": su.bad_domain_ttl, "inactive_mailbox": su.inactive_mailbox_ttl},
@@ -271,7 +241,7 @@ class Engine:
             await nursery.start(self.journal.run)
             if self.emails.capacity:
                 self.emails.load(self.events.folder)
-            self._load_quota_counts()
+            self.quotas.load(self.events.folder, self.now())
             await nursery.start(self.events.run)
             if self.webhooks is not None:
                 await nursery.start(self.webhooks.run)
@@ -387,7 +357,7 @@ class Engine:
             if not at or not local or not domain or any(c in r for c in "\r\n <>"):
                 raise UsageError(f"rcpts: invalid recipient address {r!r}")
         if not own_report:
-            self.check_recipients(customer, len(rcpts))
+            self.quotas.check_recipients(customer, len(rcpts))
         if self.spool_full:
             raise SpoolFull(f"spool is over its limit of {self.config.spool.max_bytes} bytes")
         now = self.now()
@@ -416,10 +386,7 @@ class Engine:
             rcpts = [r for r in rcpts if r not in suppressed]
         # A scheduled message's life (max_age) starts at its time.
         start = not_before if not_before > now else now
-        if customer in self._quotas:
-            taken = self._taken_now(customer, now)
-            taken[1] += 1
-            taken[3] += 1
+        self.quotas.take(customer, now)
         return Accepted(id=msg_id or self._new_id(), sender=sys.intern(sender), rcpts=list(rcpts),
                         received_at=start, body=body, customer=customer,
                         next_at=not_before if not_before > now else 0.0, message_type=message_type,
@@ -447,38 +414,17 @@ class Engine:
         """Answers kept by idempotency key (HTTP ``Idempotency-Key``), made on first use."""
         return IdempotencyStore(Path(self.config.spool.path) / "idempotency.log")
 
-    def check_recipients(self, customer: str, count: int) -> None:
-        """Raise :class:`TooManyRecipients` when ``count`` is over the customer's ``max_recipients``."""
-        limit = self._max_rcpts.get(customer, 0)
-        if limit and count > limit:
-            raise TooManyRecipients(customer, limit, count)
-
-    def recipient_limit(self, customer: str) -> int:
-        """The customer's ``max_recipients`` a message (0: none of its own)."""
-        return self._max_rcpts.get(customer, 0)
-
     def check_quota(self, customer: str, messages: list[list[str]] | None = None, *, message_type: str = "",
                     now: float | None = None) -> None:
         """Raise :class:`QuotaExceeded` unless the customer's hourly and daily quotas have room
         for ``messages`` (the recipients of each; None: one message whose recipients are not
         known yet, as at SMTP MAIL FROM) now. Counts nothing; a refusal is told as a
-        ``quota_exceeded`` event per message. Over both quotas, the daily one is named (waiting
-        for the next hour would not help)."""
-        limits = self._quotas.get(customer)
-        if limits is None:
-            return
+        ``quota_exceeded`` event per message."""
         now = self.now() if now is None else now
         messages = [[]] if messages is None else messages
-        hourly, daily, hourly_set, daily_set = limits
-        taken = self._taken_now(customer, now)
-        left = min(hourly - taken[1] if hourly else len(messages), daily - taken[3] if daily else len(messages))
-        if len(messages) <= left:
+        over = self.quotas.over(customer, len(messages), now)
+        if over is None:
             return
-        left = max(0, left)
-        if daily and taken[3] + len(messages) > daily:
-            over = QuotaExceeded(customer, "daily", daily, (taken[2] + 1) * 86400.0, left, daily_set)
-        else:
-            over = QuotaExceeded(customer, "hourly", hourly, (taken[0] + 1) * 3600.0, left, hourly_set)
         for rcpts in messages:
             domains = {r.rpartition("@")[2].lower() for r in rcpts}
             self._emit(Event(time=now, event="quota_exceeded", customer=customer, rcpts=list(rcpts),
@@ -486,35 +432,6 @@ class Engine:
                              category="quota", detail={"quota": over.quota, "limit": over.limit,
                                                        "retry_at": over.retry_at}), notify=False)
         raise over
-
-    def _taken_now(self, customer: str, now: float) -> list[int]:
-        """The customer's [UTC hour, messages that hour, UTC day, messages that day], as of ``now``."""
-        hour, day = int(now // 3600), int(now // 86400)
-        taken = self._taken.get(customer)
-        if taken is None:
-            taken = self._taken[customer] = [hour, 0, day, 0]
-        if taken[0] != hour:
-            taken[0], taken[1] = hour, 0
-        if taken[2] != day:
-            taken[2], taken[3] = day, 0
-        return taken
-
-    def _load_quota_counts(self) -> None:
-        """Count this UTC day's accepted (and scheduled) messages of each customer with a quota
-        from the event files, this hour's apart: a restart hands out no fresh quota. Reads only
-        the day's hourly files, and decodes only the lines of those events and customers."""
-        if not self._quotas:
-            return
-        now = self.now()
-        day_start = now // 86400 * 86400
-        first = file_name(day_start)
-        files = [f for f in event_files(self.events.folder) if f.name >= first]
-        query = Query(match={"event": ["accepted", "scheduled"], "customer": sorted(self._quotas)}, since=day_start)
-        for ev, _ in select(files, query, fields=("customer",)):
-            taken = self._taken_now(ev.customer, now)
-            taken[3] += 1
-            if ev.time // 3600 == taken[0]:
-                taken[1] += 1
 
     def blocked(self, rcpts: list[str]) -> list[str]:
         """The recipients at a domain of ``abuse.blocked_domains`` (or under one)."""
@@ -700,13 +617,12 @@ class Engine:
             raise ControlError("keep: must be more than 0 seconds")
         held = {id(d) for parts in self.quarantine.values() for d in parts}
         wanted = [d for d in self._parts() if id(d) not in held and self._purge_matches(d, match)]
-        count = {"messages": len({d.id for d in wanted}), "recipients": sum(len(d.rcpts) for d in wanted)}
+        count = _tally(wanted)
         if dry_run:
             return {"dry_run": True, "filter": match, **count}
         now = self.now()
         taken = self.dispatcher.take(wanted)
-        count = {"messages": len({d.id for d in taken}), "recipients": sum(len(d.rcpts) for d in taken),
-                 "in_flight": len(wanted) - len(taken)}
+        count = {**_tally(taken), "in_flight": len(wanted) - len(taken)}
         if not taken:
             return {"id": None, "filter": match, **count}
         purge_id = purge_id or self.new_purge_id()
@@ -749,7 +665,7 @@ class Engine:
             self._outcome("released", d, d.rcpts, now, detail={"purge": purge_id, "who": change.who, "reason": reason})
             d.next_at = 0.0
             self.dispatcher.submit(d, now)
-        count = {"messages": len({d.id for d in parts}), "recipients": sum(len(d.rcpts) for d in parts)}
+        count = _tally(parts)
         self._control_event(change, **count)
         self._quarantine_changed.set()
         return {"id": purge_id, **count}
@@ -1222,6 +1138,11 @@ PURGE_FIELDS = ("customer", "domain", "provider", "message_type", "id")
 _CONTROL_EVENTS = {"pause": "paused", "resume": "resumed", "reroute": "rerouted", "unroute": "unrouted",
                    "limit": "limited", "unlimit": "unlimited", "purge": "purged", "release": "released",
                    "expire": "quarantine_expired", "drain": "draining", "undrain": "undrained"}
+
+
+def _tally(parts: list[Delivery]) -> dict[str, int]:
+    """How many messages and recipients ``parts`` hold."""
+    return {"messages": len({d.id for d in parts}), "recipients": sum(len(d.rcpts) for d in parts)}
 
 
 def _id_time(msg_id: str) -> int:

@@ -115,7 +115,7 @@ def _throttles(files: list[Path], events: list[Event]) -> list[Event]:
     until = events[-1].time + 1 if finished else math.inf
 
     def concerns(t: Event, domain: str) -> bool:
-        if any(start < t.time < end for start, end in away[domain]):
+        if any(start <= t.time < end for start, end in away[domain]):
             return False
         if t.customer:
             return t.customer == head.customer

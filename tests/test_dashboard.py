@@ -406,3 +406,29 @@ def test_the_dashboard_in_chromium_shows_the_daemons_figures(tmp_path, chromium)
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def test_the_shards_data_merge_into_one_view():
+    from sender.dashboard import BUCKETS, INTERVAL, merge
+
+    def part(now, start, delivered, bounced, category_count):
+        series = [0] * BUCKETS
+        series[-1] = delivered
+        return {"now": now, "totals": {"delivered": delivered, "bounced": bounced}, "depth": {"ready": 1},
+                "queued": {"total": 2, "provider": {"gmail": 2}, "customer": {"acme": 2}, "source": {"127.0.0.2": 2}},
+                "rates": {"interval": INTERVAL, "buckets": BUCKETS, "start": start, "kinds": ["delivered"],
+                          "provider": {"gmail": {"delivered": {"total": delivered, "series": series},
+                                                 "deferred": {"total": 0, "series": [0] * BUCKETS},
+                                                 "bounced": {"total": 0, "series": [0] * BUCKETS}}},
+                          "customer": {}, "source": {}},
+                "bounce_categories": [{"category": "invalid_recipient", "count": category_count}],
+                "pauses": [{"scope": "customer", "value": "x"}], "controls": [], "automation": []}
+
+    # The second answered an interval later: its last interval is the first's next one.
+    both = merge([part(1000.0, 0.0, 5, 1, 1), part(1010.0, INTERVAL, 3, 2, 4)])
+    assert both["now"] == 1010.0 and both["totals"] == {"delivered": 8, "bounced": 3}
+    assert both["queued"]["total"] == 4 and both["queued"]["provider"] == {"gmail": 4}
+    gmail = both["rates"]["provider"]["gmail"]["delivered"]
+    assert gmail["total"] == 8 and gmail["series"][-2:] == [5, 3]     # on the newest window
+    assert both["bounce_categories"] == [{"category": "invalid_recipient", "count": 5}]
+    assert both["pauses"] == [{"scope": "customer", "value": "x"}]

@@ -199,7 +199,7 @@ async def test_our_own_non_delivery_report_is_never_refused_but_counts(tmp_path,
         with trio.fail_after(60):
             while engine.counts["accepted"] < 2:                   # the report to app@x.test
                 await trio.sleep(0.01)
-        assert engine._taken["acme"][1] == 2 and not refusals(engine)
+        assert engine.quotas.taken("acme", engine.now()) == (2, 2) and not refusals(engine)
         nursery.cancel_scope.cancel()
 
 

@@ -248,6 +248,10 @@ def test_operators_controls_reach_every_shard(tmp_path):
             ids.append(resend.Emails.send({"from": "app@x.test", "to": [f"u{len(ids)}@y.test"], "subject": "s",
                                            "text": "hi", "scheduled_at": "in 1 hour"})["id"])
         assert {i[-3:] for i in ids} == {"000", "001"}
+        for _ in range(4):                              # whichever shard answers: the whole daemon
+            board = httpx.get(url + "/admin/dashboard.json", headers={"authorization": "Bearer adm"}).json()
+            assert board["shards"] == "2/2" and board["totals"]["accepted"] == board["queued"]["total"] == len(ids)
+            assert board["queued"]["customer"] == {"acme": len(ids)}
         assert admin("/admin/purge", customer="acme", dry_run=True, reason="look")["messages"] == len(ids)
         purge = admin("/admin/purge", customer="acme", reason="bad list", then="drop")
         assert purge["messages"] == len(ids) and purge["id"].startswith("Q")

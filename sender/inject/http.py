@@ -593,7 +593,7 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
             try:
                 built, when = build(payload, f"[{i}]."), _at(i, payload, now)
                 try:
-                    engine.check_recipients(customer, len(built.rcpts))
+                    engine.quotas.check_recipients(customer, len(built.rcpts))
                 except TooManyRecipients as e:
                     raise _validation(f"[{i}].to: {e}") from None
                 if len(engine.blocked(built.rcpts)) == len(built.rcpts):
@@ -662,7 +662,7 @@ def create_app(engine: Engine, peers: Peers | None = None) -> Starlette:
                 Route("/admin/events", admin_endpoint(admin_events), methods=["GET"]),
                 Route("/admin/webhooks/dead", admin_endpoint(admin_dead_letters), methods=["GET"]),
                 Route("/admin/webhooks/dead/{id}/retry", admin_endpoint(admin_retry_dead), methods=["POST"]),
-                *dashboard_routes(engine, admin_endpoint)],
+                *dashboard_routes(engine, admin_endpoint, peers)],
         exception_handlers={HTTPException: on_http_error},
     )
 

@@ -126,7 +126,7 @@ class _Session:
         local, at, domain = ev.address.rpartition("@")
         if not at or not local or not domain or "." not in domain.strip("[]") and not domain.startswith("["):
             return 501, "5.1.3", f"Bad recipient address syntax: {ev.address}"
-        limit = self.engine.recipient_limit(self.customer) if self.customer else 0
+        limit = self.engine.quotas.max_recipients.get(self.customer, 0) if self.customer else 0
         if limit and self.rcpts >= limit:
             # RFC 5321 4.5.3.1.10: the client sends the rest in another transaction.
             return 452, "4.5.3", f"Too many recipients: at most {limit} a message for customer {self.customer}"
