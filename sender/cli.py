@@ -491,8 +491,18 @@ def _cmd_events(args) -> int:
 def _event_row(ev) -> str:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ev.time)) + f".{int(ev.time % 1 * 1000):03d}Z"
     cells = [stamp, ev.event, ev.id, ev.customer or "-", ev.domain or "-", ev.provider or "-", ev.source or "-",
-             ev.category or "-", ev.reply[:120]]
+             ev.category or "-", (ev.reply or _detail_note(ev.detail))[:120]]
     return "  ".join(cells)
+
+
+def _detail_note(detail: dict) -> str:
+    """What an event without a reply says: a bucket holding mail, or an operator's change."""
+    if "bucket" in detail:
+        return f"{detail['bucket']} held {detail.get('held', '?')}"
+    if "reason" in detail:
+        purge = f"{detail['purge']} " if "purge" in detail else ""
+        return f"{purge}by {detail.get('who', '?')}: {detail['reason']}"
+    return ""
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:

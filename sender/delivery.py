@@ -758,9 +758,10 @@ class Dispatcher:
 
         While the shaper holds mail, the buckets holding it are reported (a throttled event
         each) when the loop is awake and the last report is THROTTLE_REPORT seconds old. It
-        wakes for a report only when more mail waits than at the last one (or since), so that
-        a new hold is told within THROTTLE_REPORT: a bucket draining slowly is reported at its
-        own tokens, and holding nothing adds no wake-up."""
+        wakes for a report only when more mail waits than at the last one (or since): a bucket
+        draining slowly is told at its own tokens, a new hold within THROTTLE_REPORT (or at
+        its bucket's next wake-up, which the loop sleeps until anyway), and holding nothing
+        adds no wake-up."""
         report_at = -math.inf                       # the next throttle report, at the earliest
         low = 0                                     # the least mail held since the last report
         while True:

@@ -85,7 +85,7 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     complaints: int
     canceled: int               # scheduled messages called off before their time
     queued: int
-    in_flight: int
+    in_flight: int               # connection workers busy: in a transaction, or connecting for one
     live_messages: int
     journal: JournalStatistics
     sites: list[PoolStatistics]
@@ -1112,7 +1112,7 @@ class Engine:
         return EngineStatistics(
             **self.counts,
             queued=self.dispatcher.queued(),
-            in_flight=self.dispatcher.in_flight(),
+            in_flight=self.dispatcher.busy(),
             live_messages=len(self._live),
             journal=self.journal.statistics(),
             sites=self.dispatcher.statistics(),

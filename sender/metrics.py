@@ -2,8 +2,8 @@
 
 Counters and histograms follow the event log (one subscriber, no work on the delivery path
 beyond a label lookup); gauges are read from the engine when the page is scraped. Labels stay
-few and bounded: event, category (a fixed vocabulary) and provider (the configured ones,
-"" for the rest), never a customer, domain or address.
+few and bounded: event, category (a fixed vocabulary), provider (the configured ones, "" for
+the rest) and the level of a rate limit's bucket, never a customer, domain or address.
 """
 
 from __future__ import annotations

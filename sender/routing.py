@@ -222,7 +222,7 @@ class Egress:
                     continue
             health = self.reputation.health(source.address, provider, now) if provider else 1.0
             if health < LOW_HEALTH:
-                weak.append(f"{source.address} weighted down (health {health:.1f})")
+                weak.append(f"{source.address} weighted down (health {health:.2f})")
             candidates.append((source, weight * max(health, MIN_HEALTH) ** 2, room))
         if not candidates:
             until, reason = min(waits)

@@ -375,6 +375,21 @@ def test_events_cli_filters_counts_and_prints_json(tmp_path, capsys):
     assert "--since:" in capsys.readouterr().err
 
 
+def test_events_table_tells_a_throttle_and_an_operators_change(tmp_path, capsys):
+    from sender.events import Event, EventLog
+
+    base = 1_795_500_000.0
+    log = EventLog(tmp_path / "ev", now=lambda: base + 2)
+    log.emit(Event(time=base + 1, event="throttled", customer="acme",
+                   detail={"bucket": "customer:acme", "held": 40, "until": base + 7}))
+    log.emit(Event(time=base + 2, event="purged", detail={"scope": "purge", "value": "Q1", "who": "ops",
+                                                        "reason": "bought list"}))
+    log.close()
+    assert main(["events", "--dir", str(tmp_path / "ev")]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].endswith("customer:acme held 40") and rows[2].endswith("by ops: bought list")
+
+
 def test_ctl_pauses_and_resumes_through_a_running_daemon(tmp_path, capsys):
     port = free_port()
     cfg = tmp_path / "ctl.toml"
