@@ -5,7 +5,9 @@ it left from and why that source, the site and provider it went to, the reply an
 category, the next attempt), the automation actions that fired on the paths it took while it
 was in the queue (with their rule and the replies behind them), the throttles that held mail
 it waited with (its customer's, its domain's, or those of a path it took: the bucket, how
-many deliveries it held and until when; not while it waited for a retry), and where it is
+many deliveries it held and until when; not while it waited for a retry), the operators'
+changes that named its customer, a recipient domain, or a provider or source it went to
+(pauses, reroutes, limits, with who and why; a purge of it is among its own events), and where it is
 now: finished, or still queued (from the journal, read without changing it) with its
 recipients, attempts and next attempt. It reads only files, so it works with the daemon
 stopped.
@@ -33,6 +35,7 @@ class Story(msgspec.Struct):
     actions: list[Event]                # automation actions on the message's paths meanwhile
     queued: list[dict]                  # what the journal still holds: one entry per part
     throttles: list[Event] = []         # throttled events of the buckets that held it meanwhile
+    controls: list[Event] = []          # operators' changes that concerned it meanwhile
 
 
 def _id_time(msg_id: str) -> float:
@@ -45,7 +48,7 @@ def _id_time(msg_id: str) -> float:
 def explain(spool_dirs: list[Path], msg_id: str) -> Story:
     """Gather the story of ``msg_id`` from ``spool_dirs`` (a shard's own, or every one): their
     event folders and journals."""
-    events, actions, throttles = _told(msg_id, [d / "events" for d in spool_dirs])
+    events, actions, throttles, controls = _told(msg_id, [d / "events" for d in spool_dirs])
     queued = []
     for d in spool_dirs:
         live = Journal(d).replay(read_only=True) if any(d.glob("*.seg")) else {}
@@ -53,20 +56,20 @@ def explain(spool_dirs: list[Path], msg_id: str) -> Story:
         if entry is not None:
             queued.append({"rcpts": entry.rcpts, "attempts": entry.attempts, "next_at": entry.next_at,
                            "customer": entry.customer, "spool": str(d)})
-    return Story(msg_id, events, actions, queued, throttles)
+    return Story(msg_id, events, actions, queued, throttles, controls)
 
 
 def explain_live(msg_id: str, folder: Path, queued: list[dict]) -> Story:
     """The story told by a running engine: its event ``folder`` (flushed by the caller) and
     ``queued``, where each part waits now and why (``Engine.where``). Reads only files: it
     may run in a worker thread."""
-    events, actions, throttles = _told(msg_id, [folder])
-    return Story(msg_id, events, actions, queued, throttles)
+    events, actions, throttles, controls = _told(msg_id, [folder])
+    return Story(msg_id, events, actions, queued, throttles, controls)
 
 
-def _told(msg_id: str, folders: list[Path]) -> tuple[list[Event], list[Event], list[Event]]:
+def _told(msg_id: str, folders: list[Path]) -> tuple[list[Event], list[Event], list[Event], list[Event]]:
     """The message's events, the automation actions on its paths while it was queued, and
-    the throttles that concerned it meanwhile."""
+    the throttles and operators' changes that concerned it meanwhile."""
     files = sorted((f for folder in folders for f in event_files(folder)), key=lambda f: f.name)
     accepted = _id_time(msg_id)
     # Nothing about a message comes before its id's time (an hour's slack for clocks).
@@ -78,7 +81,26 @@ def _told(msg_id: str, folders: list[Path]) -> tuple[list[Event], list[Event], l
         first, last = events[0].time, events[-1].time
         actions = [ev for ev, _ in select(files, Query(match={"event": ["automation"]}, since=first, until=last + 1))
                    if (ev.source, ev.provider) in paths]
-    return events, actions, _throttles(files, events)
+    return events, actions, _throttles(files, events), _controls(files, events)
+
+
+CONTROL_EVENTS = ("paused", "resumed", "rerouted", "unrouted", "limited", "unlimited")
+
+
+def _controls(files: list[Path], events: list[Event]) -> list[Event]:
+    """The operators' pauses, reroutes and limits (and their lifting) that named the message's
+    customer, one of its recipient domains, or a provider or source its mail went to, from its
+    acceptance to its last event (to now while it is queued)."""
+    if not events:
+        return []
+    head = next((ev for ev in events if ev.event in ("accepted", "scheduled")), events[0])
+    named = {("customer", head.customer)} if head.customer else set()
+    for ev in events:
+        named |= {("domain", r.rpartition("@")[2].lower()) for r in ev.rcpts}
+        named |= {(k, v) for k, v in (("provider", ev.provider), ("source", ev.source)) if v}
+    until = events[-1].time + 1 if events[-1].event in _FINAL else math.inf
+    return [c for c, _ in select(files, Query(match={"event": list(CONTROL_EVENTS)}, since=head.time, until=until))
+            if (c.detail.get("scope"), c.detail.get("value")) in named]
 
 
 _FINAL = ("delivered", "bounced", "expired", "failed", "canceled")
@@ -180,7 +202,9 @@ def render(story: Story) -> str:
     else:
         out.append(f"message {story.id}")
     start = story.events[0].time if story.events else 0.0
-    timeline = sorted([*story.events, *story.actions, *story.throttles], key=lambda ev: ev.time)
+    # At one time, what acted on the message comes before what it did.
+    timeline = sorted([*story.events, *story.actions, *story.throttles, *story.controls],
+                      key=lambda ev: (ev.time, ev.id == story.id))
     # A bucket's reports between two of the message's own events make one line, at the first.
     runs: dict[str, list] = {}                  # bucket -> [its line's index, first, last, reports]
     for ev in timeline:
@@ -195,7 +219,11 @@ def render(story: Story) -> str:
         if ev.event != "automation":
             _held_lines(out, runs, start)
         line = f"{_when(ev.time)}  +{ev.time - start:9.3f}s  {ev.event:<11}"
-        if ev.event == "automation":
+        if ev.event in CONTROL_EVENTS:
+            d = ev.detail
+            more = "".join(f" {k} {d[k]}" for k in ("pool", "rate", "connections") if k in d)
+            line += f" {d.get('scope')} {d.get('value')}{more} by {d.get('who')}: {d.get('reason')}"
+        elif ev.event == "automation":
             d = ev.detail
             replies = d.get("replies") or []
             line += (f" rule {d.get('rule')}: {d.get('action')} {ev.source} toward {ev.site or ev.provider} "

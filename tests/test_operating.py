@@ -101,3 +101,6 @@ async def test_one_providers_deferrals_are_found_explained_paused_and_resumed_ac
     assert "delivered" in render(explain([spool], held)).splitlines()[-2]
     text = explained(capsys, spool, held)
     assert "Server busy" in text and "bucket provider:microsoft held " in text and text.endswith("done (delivered)\n")
+    # The pause that held it, and its lifting, with who and why, in their place.
+    assert text.index("paused      customer beta by oncall@x.test: Microsoft deferring, ticket 42") < text.index(
+        "resumed     customer beta by oncall@x.test: Microsoft accepts again") < text.index("delivered")
