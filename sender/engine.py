@@ -597,7 +597,8 @@ class Engine:
         ``keep`` seconds (``controls.quarantine_retention``) have passed; then ``then``
         happens: "bounce" (a bounce, its webhook and a report to the sender) or "drop"
         (canceled, silently). ``dry_run`` only counts. A part in a transaction under way is
-        not taken (``in_flight``).
+        not taken (``in_flight``). ``provider`` matches mail whose domain's MX hosts are known
+        to be that provider's (not yet looked up: no match).
 
         Raises:
           ControlError: naming the field at fault.

@@ -41,6 +41,20 @@ def test_a_pause_holds_what_it_names_and_survives_a_reread(tmp_path):
     assert again.pauses["provider", "microsoft"].who == "ops@x"
 
 
+def test_a_long_controls_log_is_rewritten_with_what_is_in_force(tmp_path):
+    controls = Controls(tmp_path / "controls.log")
+    for i in range(600):
+        controls.change("pause", "customer", "acme", "ops", f"storm {i}", float(2 * i))
+        controls.change("resume", "customer", "acme", "ops", "over", float(2 * i + 1))
+    controls.change("limit", "domain", "y.test", "ops", "slow", 2000.0, {"rate": "10/min"})
+    controls.change("pause", "source", "127.0.0.9", "ops", "listed", 2001.0)
+    again = Controls(tmp_path / "controls.log")
+    assert len((tmp_path / "controls.log").read_bytes().splitlines()) == 2
+    assert list(again.pauses) == [("source", "127.0.0.9")] and again.limits["domain", "y.test"].detail == {
+        "rate": "10/min"}
+    assert list(Controls(tmp_path / "controls.log").pauses) == [("source", "127.0.0.9")]
+
+
 @pytest.mark.parametrize("args, field", [
     (("stop", "customer", "a", "me", "why"), "action"),
     (("pause", "colour", "a", "me", "why"), "scope"),
