@@ -29,15 +29,17 @@ from .config import Config, ConfigError, DomainShaping, ProviderShaping, RateLim
 from .files import replace_file
 from .model import Delivery
 
-__all__ = ["SCOPES", "Change", "ControlError", "Controls", "check_reason", "with_limits"]
+__all__ = ["EVENTS", "SCOPES", "Change", "ControlError", "Controls", "check_reason", "with_limits"]
 
 SCOPES = ("customer", "domain", "provider", "source", "pool")      # of a pause
 REROUTE_SCOPES = ("domain", "provider")
 LIMIT_SCOPES = ("customer", "domain", "provider", "source")
 # What sets a state -> what lifts it; a purge is ended by a release or its expiry.
 _LIFTS = {"resume": "pause", "unroute": "reroute", "unlimit": "limit"}
-ACTIONS = ("pause", "resume", "reroute", "unroute", "limit", "unlimit", "purge", "release", "expire",
-           "drain", "undrain")
+# Each action -> the event that tells it.
+EVENTS = {"pause": "paused", "resume": "resumed", "reroute": "rerouted", "unroute": "unrouted",
+          "limit": "limited", "unlimit": "unlimited", "purge": "purged", "release": "released",
+          "expire": "quarantine_expired", "drain": "draining", "undrain": "undrained"}
 
 
 class ControlError(ValueError):
@@ -45,7 +47,7 @@ class ControlError(ValueError):
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    action: str                 # one of ACTIONS
+    action: str                 # one of EVENTS
     scope: str                  # what it applies to: a pause's scope, "purge", "daemon"...
     value: str                  # the customer, domain... or the purge's id
     who: str

@@ -147,22 +147,20 @@ def count_queue(engine) -> dict:
     for pool in pools:
         for part in pool.queue:
             at[id(part)] = pool
-    for part, pool in getattr(d, "_paused", ()):
+    for part, pool in d._paused:
         at[id(part)] = pool
     queue_sources: dict[tuple[str, str], set[str]] = collections.defaultdict(set)
-    for customer, domain, path in getattr(d.shaper, "_queues", {}):
+    for customer, domain, path in d.shaper._queues:
         queue_sources[customer, domain].add(path.source)
     site_sources: dict[str, set[str]] = collections.defaultdict(set)
     for pool in pools:
         site_sources[pool.site.key].add(pool.source)
-    domain_site = getattr(d, "_domain_site", {})
     paths: dict[tuple[str, str], tuple[str, str]] = {}
 
     def path_of(customer: str, domain: str) -> tuple[str, str]:
-        entry = domain_site.get(domain)
-        if entry is None:
+        site = d.site_of(domain)
+        if site is None:
             return UNROUTED, UNROUTED
-        site = entry[0]
         sources = queue_sources.get((customer, domain)) or site_sources.get(site.key) or ()
         source = _source(next(iter(sources)), site.key) if len(sources) == 1 else UNROUTED
         return _provider(site.provider, site.key), source

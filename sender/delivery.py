@@ -865,10 +865,15 @@ class Dispatcher:
                 self._route(d, pool.site, now)
         self._release(now)
 
+    def site_of(self, domain: str) -> Site | None:
+        """``domain``'s MX site, None while it is not known."""
+        entry = self._domain_site.get(domain)
+        return entry[0] if entry is not None else None
+
     def provider_of(self, domain: str) -> str:
         """The provider of ``domain``'s MX site, "" while it is not known."""
-        entry = self._domain_site.get(domain)
-        return entry[0].provider if entry is not None else ""
+        site = self.site_of(domain)
+        return site.provider if site is not None else ""
 
     def take(self, wanted: list[Delivery]) -> list[Delivery]:
         """Take ``wanted`` out of the queue, wherever each waits (a retry timer, an MX lookup,

@@ -28,7 +28,7 @@ from .delivery import Dispatcher, PoolStatistics, backoff
 from .errors import UsageError
 from .dsn import Report, parse as parse_report, verp_address, verp_id
 from .abuse import AbuseWatch
-from .controls import Change, ControlError, Controls, check_reason, with_limits
+from .controls import EVENTS as CONTROL_EVENTS, Change, ControlError, Controls, check_reason, with_limits
 from .dkim import DkimError, Signer
 from .routing import describe_action
 from .events import Event, EventLog
@@ -580,7 +580,7 @@ class Engine:
 
     def _control_event(self, change: Change, **detail) -> None:
         fields = {change.scope: change.value} if change.scope in ("customer", "domain", "provider", "source") else {}
-        self._emit(Event(time=change.at, event=_CONTROL_EVENTS[change.action],
+        self._emit(Event(time=change.at, event=CONTROL_EVENTS[change.action],
                          detail={"scope": change.scope, "value": change.value, "who": change.who,
                                  "reason": change.reason, **change.detail, **detail}, **fields), notify=False)
         log.warning("%s %s %r by %s: %s", change.action, change.scope, change.value, change.who, change.reason)
@@ -1136,9 +1136,6 @@ _WEBHOOK_TYPES = {
 
 DRAIN_ANSWER = 1.0
 PURGE_FIELDS = ("customer", "domain", "provider", "message_type", "id")
-_CONTROL_EVENTS = {"pause": "paused", "resume": "resumed", "reroute": "rerouted", "unroute": "unrouted",
-                   "limit": "limited", "unlimit": "unlimited", "purge": "purged", "release": "released",
-                   "expire": "quarantine_expired", "drain": "draining", "undrain": "undrained"}
 
 
 def _tally(parts: list[Delivery]) -> dict[str, int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 
+from .controls import EVENTS
 from .events import Event, Query, event_files, file_hour, select
 from .journal import Journal
 
@@ -84,7 +85,8 @@ def _told(msg_id: str, folders: list[Path]) -> tuple[list[Event], list[Event], l
     return events, actions, _throttles(files, events), _controls(files, events)
 
 
-CONTROL_EVENTS = ("paused", "resumed", "rerouted", "unrouted", "limited", "unlimited")
+# The operators' changes of how mail goes (a purge of the message is among its own events).
+CONTROL_EVENTS = tuple(EVENTS[a] for a in ("pause", "resume", "reroute", "unroute", "limit", "unlimit"))
 
 
 def _controls(files: list[Path], events: list[Event]) -> list[Event]:

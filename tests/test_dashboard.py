@@ -303,7 +303,7 @@ def test_the_dashboard_in_chromium_shows_the_daemons_figures(tmp_path, chromium)
         cfg.write_text(
             f'[spool]\npath = "{tmp_path / "spool"}"\nfsync = "batch"\n'
             f'[listen]\nsmtp = ""\nhttp = "127.0.0.1:{port}"\nadmin_keys = ["{ADMIN}"]\n'
-            f'[delivery]\nretry_interval = "1h"\nstarttls = "never"\nidle_timeout = 0.5\n'
+            f'[delivery]\nretry_interval = "1h"\nstarttls = "never"\n'
             f'[bounces]\nnotify = false\n'
             f'[[route]]\nmatch = "*"\nrelay = "127.0.0.1:{sink_port}"\n'
             f'[shaping.provider.gmail]\nmatch = ["127.0.0.1"]\n'

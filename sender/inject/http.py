@@ -34,8 +34,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import Config, ConfigError, Rate, parse_duration, parse_hostport, parse_rate
-from ..engine import (PURGE_FIELDS, Blocked, Engine, NotFound, NotScheduled, QuotaExceeded, SpoolFull, Submission, Suppressed,
-                      TooManyRecipients)
+from ..engine import (PURGE_FIELDS, Blocked, Engine, NotFound, NotScheduled, QuotaExceeded, SpoolFull, Submission,
+                      Suppressed, TooManyRecipients)
 from ..errors import UsageError
 from ..idempotency import KeyInFlight, KeyInvalid, KeyReused, digest
 from ..mime import Built, MimeError, build_message
